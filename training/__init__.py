@@ -1,0 +1,1 @@
+"""Training, data preparation and evaluation for the bundled ENet. Not needed for serving."""

