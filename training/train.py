@@ -18,14 +18,12 @@ import mxnet as mx
 import numpy as np
 from mxnet import autograd, gluon
 
-from processing import NORMALISATION
+from processing import CLASS_NAMES, NORMALISATION, PALETTE
 from training import data
 from training.enet import ENet
 from training.evaluate import dice_scores, predict_slices, validation_slices
 from training.synth import SliceSampler
 
-CLASS_NAMES = ["background", "csf", "grey_matter", "white_matter"]
-CLASS_COLOURS = [[0, 0, 0], [0, 114, 178], [230, 159, 0], [240, 240, 240]]
 
 
 def main(argv=None):
@@ -188,7 +186,7 @@ def export(net, model_dir, args, scores, state):
         "input_channels": 1,
         "size_multiple": 8,
         "classes": CLASS_NAMES,
-        "colours": CLASS_COLOURS,
+        "colours": [list(c) for c in PALETTE],
         "normalisation": NORMALISATION,
         "parameters": sum(int(np.prod(p.shape)) for p in net.collect_params().values()),
         "training": {"source": args.source, "data_dir": str(args.data_dir), "hold_out": args.hold_out,

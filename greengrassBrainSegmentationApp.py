@@ -1,0 +1,295 @@
+"""Brain MRI tissue segmentation over HTTP: the Greengrass Lambda handler and the web app.
+
+POST a PNG slice to port 5000 and get back a palette PNG mask of the same size whose pixel
+values are 0 background, 1 CSF, 2 grey matter, 3 white matter.
+
+Three ways to run the same code:
+- Greengrass (V1 pinned Lambda, or V2 running it as a Lambda): the runtime imports this
+  module with MY_FUNCTION_ARN set; the import starts the server once in a background thread
+  and returns at once. `lambda_handler` reports the server's status, or segments an image
+  sent in the event.
+- Standalone: `python greengrassBrainSegmentationApp.py [--host H] [--port P] [--model-dir D]`.
+- In tests: `create_app(settings)` builds a fresh app; `start_server(settings)` serves it.
+"""
+import argparse
+import base64
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, fields
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+import load_model
+import processing
+
+log = logging.getLogger("segmentation.app")
+VERSION = "1.0.0"
+
+
+@dataclass
+class Settings:
+    """Every setting, with its environment variable; CLI flags of the same name override."""
+
+    host: str = "0.0.0.0"          # HOST
+    port: int = 5000               # PORT
+    model_dir: str = ""            # MODEL_DIR; empty = search Greengrass paths, then bundled
+    threads: int = 4               # THREADS: waitress worker threads
+    max_upload_mb: float = 20.0    # MAX_UPLOAD_MB: larger bodies get 413
+    mqtt_topic: str = "brain-segmentation/inferences"  # MQTT_TOPIC, used under Greengrass
+    log_level: str = "INFO"        # LOG_LEVEL
+
+    @classmethod
+    def from_env(cls, environ=None, **overrides):
+        """Defaults, then environment variables, then explicit overrides that are not None."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for field in fields(cls):
+            raw = environ.get(field.name.upper())
+            if raw not in (None, ""):
+                try:
+                    values[field.name] = field.type(raw) if field.type is not str else raw
+                except ValueError:
+                    raise SystemExit(f"error: {field.name.upper()}={raw!r} is not a valid "
+                                     f"{field.type.__name__}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+class ServiceUnavailable(Exception):
+    """No model is loaded; answered with 503."""
+
+    status = 503
+
+
+class Publisher:
+    """Publishes a JSON summary of each inference over Greengrass MQTT; a no-op elsewhere."""
+
+    def __init__(self, topic, client=None):
+        self.topic = topic
+        self.client = client
+        if client is None and os.environ.get("MY_FUNCTION_ARN"):
+            try:
+                import greengrasssdk
+                self.client = greengrasssdk.client("iot-data")
+            except Exception as error:  # outside a core the SDK cannot connect
+                log.warning("MQTT summaries disabled: %s", error)
+
+    def publish(self, summary):
+        """Send one summary; never raises, a failed publish must not fail the request."""
+        if self.client is None:
+            return False
+        try:
+            self.client.publish(topic=self.topic, payload=json.dumps(summary))
+            return True
+        except Exception as error:
+            log.warning("MQTT publish to %s failed: %s", self.topic, error)
+            return False
+
+
+def create_app(settings=None, model=None, publisher=None):
+    """Build the Flask app. Loads the model unless given one; without a model it answers 503."""
+    settings = settings or Settings.from_env()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = int(settings.max_upload_mb * 1024 * 1024)
+    state = {"model": model, "error": None, "started": time.time()}
+    if model is None:
+        try:
+            state["model"] = load_model.load(settings.model_dir or None)
+        except load_model.ModelError as error:
+            state["error"] = str(error)
+            log.error("no model loaded: %s", error)
+    publisher = publisher or Publisher(settings.mqtt_topic)
+    app.extensions["segmentation"] = state
+
+    def current_model():
+        if state["model"] is None:
+            raise ServiceUnavailable(f"no model loaded: {state['error']}")
+        return state["model"]
+
+    @app.get("/")
+    def usage():
+        return jsonify({"service": "brain MRI tissue segmentation", "version": VERSION,
+                        "usage": "POST a PNG slice to / or /segment (raw body or multipart "
+                                 "field 'file'); the response is a palette PNG mask",
+                        "accepts": processing.ACCEPTED, "health": "/health", "model": "/model"})
+
+    @app.post("/")
+    @app.post("/segment")
+    def segment():
+        model = current_model()
+        data = read_upload()
+        started = time.perf_counter()
+        slice_ = processing.decode_png(data)
+        decoded = time.perf_counter()
+        mask = model.segment(slice_)
+        inferred = time.perf_counter()
+        body = processing.encode_mask(mask, model.meta["colours"])
+        encoded = time.perf_counter()
+        timings = {"decode_ms": ms(decoded - started), "inference_ms": ms(inferred - decoded),
+                   "encode_ms": ms(encoded - inferred)}
+        publisher.publish({"model_id": model.model_id, "width": mask.shape[1],
+                           "height": mask.shape[0], **timings, "time": time.time(),
+                           "fractions": processing.class_fractions(mask, model.meta["classes"])})
+        response = Response(body, mimetype="image/png")
+        response.headers.update({"X-Decode-Ms": timings["decode_ms"],
+                                 "X-Inference-Ms": timings["inference_ms"],
+                                 "X-Encode-Ms": timings["encode_ms"],
+                                 "X-Model-Id": model.model_id,
+                                 "X-Classes": ",".join(model.meta["classes"])})
+        return response
+
+    @app.get("/health")
+    def health():
+        uptime = round(time.time() - state["started"], 1)
+        if state["model"] is None:
+            return jsonify({"status": "unavailable", "model_loaded": False,
+                            "error": state["error"], "uptime_s": uptime}), 503
+        model = state["model"]
+        return jsonify({"status": "ok", "model_loaded": True, "model_id": model.model_id,
+                        "model_name": model.meta["name"], "model_dir": str(model.directory),
+                        "input_channels": model.meta["input_channels"], "uptime_s": uptime,
+                        "version": VERSION})
+
+    @app.get("/model")
+    def model_facts():
+        return jsonify(current_model().describe())
+
+    @app.errorhandler(processing.ImageError)
+    @app.errorhandler(ServiceUnavailable)
+    def known_error(error):
+        return jsonify({"error": str(error)}), error.status
+
+    @app.errorhandler(HTTPException)
+    def http_error(error):
+        messages = {405: f"method {request.method} is not allowed on {request.path}",
+                    413: f"the upload is larger than {settings.max_upload_mb:g} MB",
+                    404: f"no route {request.path}; POST images to / or /segment"}
+        response = jsonify({"error": messages.get(error.code, error.description)})
+        response.status_code = error.code
+        if error.code == 405:
+            response.headers["Allow"] = ", ".join(error.valid_methods or [])
+        return response
+
+    @app.errorhandler(Exception)
+    def internal_error(error):
+        log.exception("internal error on %s %s", request.method, request.path)
+        return jsonify({"error": "internal error; the server logged it and keeps serving"}), 500
+
+    return app
+
+
+def read_upload():
+    """The image bytes: multipart field 'file', or else the raw body."""
+    if request.mimetype == "multipart/form-data":
+        upload = request.files.get("file")
+        if upload is None:
+            raise processing.ImageError("the multipart form has no field 'file'; send "
+                                        "curl -F file=@slice.png")
+        return upload.read()
+    return request.get_data(cache=False)
+
+
+def ms(seconds):
+    """Seconds -> milliseconds, as a header-friendly string."""
+    return f"{seconds * 1000:.1f}"
+
+
+def start_server(settings=None, app=None):
+    """Create a waitress server (not yet running); `server.effective_port` is the bound port."""
+    from waitress.server import create_server
+    settings = settings or Settings.from_env()
+    app = app or create_app(settings)
+    return create_server(app, host=settings.host, port=settings.port, threads=settings.threads,
+                         ident="brain-segmentation")
+
+
+# --- Greengrass Lambda -------------------------------------------------------------------
+
+_background = {"server": None, "thread": None, "error": None}
+_background_lock = threading.Lock()
+
+
+def start_in_background(settings=None):
+    """Start the server once in a daemon thread; later calls return the same thread."""
+    with _background_lock:
+        if _background["thread"] is not None:
+            return _background["thread"]
+
+        def serve():
+            try:
+                server = start_server(settings)
+                _background["server"] = server
+                log.info("serving on port %s", server.effective_port)
+                server.run()
+            except Exception as error:  # a Lambda has no terminal: log it and report it
+                _background["error"] = str(error)
+                log.exception("the segmentation server stopped")
+
+        thread = threading.Thread(target=serve, name="segmentation-server", daemon=True)
+        _background["thread"] = thread
+        thread.start()
+        return thread
+
+
+def lambda_handler(event, context):
+    """Greengrass entry point.
+
+    Any event makes sure the server runs and returns its status. An event carrying
+    {"image_png_base64": ...} is also segmented and gets the mask back, base64-encoded.
+    """
+    start_in_background()
+    server = _background["server"]
+    status = {"serving": server is not None and _background["error"] is None,
+              "port": server.effective_port if server else None, "error": _background["error"]}
+    if isinstance(event, dict) and event.get("image_png_base64"):
+        try:
+            app_state = server.application.extensions["segmentation"] if server else None
+            model = app_state["model"] if app_state else load_model.load()
+            mask = model.segment(processing.decode_png(base64.b64decode(event["image_png_base64"])))
+            status["mask_png_base64"] = base64.b64encode(
+                processing.encode_mask(mask, model.meta["colours"])).decode()
+            status["fractions"] = processing.class_fractions(mask, model.meta["classes"])
+        except (processing.ImageError, load_model.ModelError, ValueError) as error:
+            status["error"] = str(error)
+    return status
+
+
+# --- Standalone ----------------------------------------------------------------------------
+
+def main(argv=None):
+    """Serve in the foreground until interrupted."""
+    parser = argparse.ArgumentParser(description="Serve brain MRI tissue segmentation over HTTP.")
+    parser.add_argument("--host", help="address to listen on (HOST, default 0.0.0.0)")
+    parser.add_argument("--port", type=int, help="port (PORT, default 5000)")
+    parser.add_argument("--model-dir", help="model folder (MODEL_DIR, default: search)")
+    parser.add_argument("--threads", type=int, help="worker threads (THREADS, default 4)")
+    args = parser.parse_args(argv)
+    settings = Settings.from_env(host=args.host, port=args.port, model_dir=args.model_dir,
+                                 threads=args.threads)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(message)s")
+    app = create_app(settings)
+    if app.extensions["segmentation"]["model"] is None:
+        sys.exit(f"error: {app.extensions['segmentation']['error']}")
+    try:
+        server = start_server(settings, app)
+    except OSError as error:
+        sys.exit(f"error: cannot listen on {settings.host}:{settings.port}: {error.strerror}")
+    print(f"serving on http://{settings.host}:{server.effective_port}/", flush=True)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+
+
+if os.environ.get("MY_FUNCTION_ARN") and __name__ != "__main__":
+    # Imported by the Greengrass runtime as a pinned Lambda: serve without blocking the import.
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"))
+    start_in_background()
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Shared fixtures: the bundled model, real slices, and a real server on a free port."""
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import png
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
+sys.path.insert(0, str(ROOT))
+
+import greengrassBrainSegmentationApp as app_module  # noqa: E402
+import load_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def model():
+    """The real bundled model, loaded the way the server loads it."""
+    return load_model.load(str(load_model.BUNDLED_PATH))
+
+
+@pytest.fixture(scope="session")
+def t1_png():
+    """A real skull-stripped T1 axial slice (ICBM 2009a, 197x233, 8-bit) as PNG bytes."""
+    return (DATA / "icbm2009a_axial100.png").read_bytes()
+
+
+@pytest.fixture(scope="session")
+def t1_label():
+    """(233, 197) uint8 tissue classes of `t1_png` from the template's GM/WM maps."""
+    return read_png(DATA / "icbm2009a_axial100_label.png")
+
+
+@pytest.fixture(scope="session")
+def head_png():
+    """A real skull-on T1 axial slice (Colin27 from SPM, 91x109, 16-bit) as PNG bytes."""
+    return (DATA / "colin27_axial50_16bit.png").read_bytes()
+
+
+def read_png(path_or_bytes):
+    """(H, W) array of the first channel of a PNG file or bytes, as stored (no palette lookup)."""
+    data = path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes).read_bytes()
+    width, height, rows, info = png.Reader(bytes=data).read()
+    return np.vstack([np.asarray(r) for r in rows]).reshape(height, width, -1)[..., 0]
+
+
+def serve(settings, model=None):
+    """Start a real waitress server in a thread; returns (server, base_url)."""
+    app = app_module.create_app(settings, model=model)
+    server = app_module.start_server(settings, app)
+    threading.Thread(target=server.run, daemon=True).start()
+    url = f"http://127.0.0.1:{server.effective_port}"
+    wait_healthy(url, accept=(200, 503))
+    return server, url
+
+
+def wait_healthy(url, accept=(200,), timeout=60):
+    """Poll /health until it answers with one of `accept`; returns the seconds it took."""
+    started = time.time()
+    while time.time() - started < timeout:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as response:
+                if response.status in accept:
+                    return time.time() - started
+        except urllib.error.HTTPError as error:
+            if error.code in accept:
+                return time.time() - started
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not become healthy in {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def server_url(model):
+    """Base URL of a real server with the bundled model on a free port."""
+    settings = app_module.Settings(host="127.0.0.1", port=0, threads=4, max_upload_mb=2)
+    server, url = serve(settings, model)
+    yield url
+    server.close()
