@@ -11,8 +11,12 @@ model.tar.gz and the Greengrass ML resource and `load_model.py` read.
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (SageMaker script mode): make imports work
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mxnet as mx
 import numpy as np
@@ -67,6 +71,7 @@ def train(args):
     """The training loop: sample, step, validate, checkpoint, export the best."""
     run_dir, model_dir = Path(args.run_dir), Path(args.model_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    mx.random.seed(args.seed)
     train_volumes, val_volumes = load_volumes(args)
     distributed = len(json.loads(args.hosts)) > 1
     kvstore = mx.kv.create("dist_sync") if distributed else "device"
