@@ -44,10 +44,11 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --with-model) with_model=1 ;;
         --with-native)
-            [ $# -ge 2 ] && [ -n "$2" ] || die "--with-native needs a platform, e.g. manylinux2014_aarch64"
+            [ $# -ge 2 ] && [ -n "$2" ] && [ "${2#-}" = "$2" ] \
+                || die "--with-native needs a platform, e.g. manylinux2014_aarch64"
             platform=$2; shift ;;
         --out)
-            [ $# -ge 2 ] && [ -n "$2" ] || die "--out needs a directory"
+            [ $# -ge 2 ] && [ -n "$2" ] && [ "${2#-}" = "$2" ] || die "--out needs a directory"
             out=$2; shift ;;
         -h|--help) usage; exit 0 ;;
         *) die "unknown option '$1' (try --help)" ;;
