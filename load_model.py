@@ -20,6 +20,8 @@ import numpy as np
 import processing
 
 log = logging.getLogger("segmentation.model")
+# MXNet prints a line per executor bound; the serving log has no use for it.
+os.environ.setdefault("MXNET_SUBGRAPH_VERBOSE", "0")
 
 GREENGRASS_PATH = "/greengrass-machine-learning/mxnet/segmentation-net/"
 BUNDLED_PATH = Path(__file__).resolve().parent / "model" / "segmentation-net"

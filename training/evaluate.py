@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from processing import CLASS_NAMES as CLASSES
 from processing import normalise, pad_to_multiple, to_mask
 from training.data import brain_slices, load_templates, planes
-
-CLASSES = ["background", "csf", "grey_matter", "white_matter"]
 
 
 def main(argv=None):
@@ -31,8 +30,6 @@ def main(argv=None):
     parser.add_argument("--overview", help="write an image / truth / prediction PNG here")
     args = parser.parse_args(argv)
 
-    import load_model
-    model = load_model.load(args.model_dir)
     if args.pairs:
         slices = pair_slices(Path(args.pairs))
     else:
@@ -40,6 +37,11 @@ def main(argv=None):
         if not volumes:
             sys.exit(f"error: no prepared volumes of family '{args.family}' in {args.volumes}")
         slices = validation_slices(volumes, args.every)
+    import load_model
+    try:
+        model = load_model.load(args.model_dir)
+    except load_model.ModelError as error:
+        sys.exit(f"error: {error}")
     predictions = [model.segment(s["raw"]) for s in slices]
     baseline = [multi_otsu(s["raw"]) for s in slices]
     print_table(slices, predictions, baseline)
@@ -111,7 +113,7 @@ def multi_otsu(raw):
         thresholds = threshold_multiotsu(raw, classes=4)
     except ValueError:  # fewer than four grey levels
         return np.zeros(raw.shape, np.uint8)
-    return np.digitize(raw, thresholds).astype(np.uint8)
+    return np.digitize(raw, thresholds, right=True).astype(np.uint8)  # t is the last of its class
 
 
 def print_table(slices, predictions, baseline):
@@ -149,23 +151,23 @@ def pair_slices(folder):
 
 def write_overview(path, slices, predictions, per_group=2):
     """A PNG grid: for a few slices per plane and variant, image | truth | prediction."""
-    from processing import PALETTE
     import png
-    picked, seen = [], defaultdict(int)
+
+    from processing import PALETTE
+    groups = defaultdict(list)
     for s, p in zip(slices, predictions):
-        key = (s["variant"], s["plane"])
-        middle = seen[key] == 0 and True
-        seen[key] += 1
-        if seen[key] % 7 == 4 and sum(1 for q in picked if (q[0]["variant"], q[0]["plane"]) == key) < per_group:
-            picked.append((s, p))
-        del middle
+        groups[(s["variant"], s["plane"])].append((s, p))
+    picked = []
+    for members in groups.values():  # evenly spaced slices, away from the ends
+        step = len(members) / (per_group + 1)
+        picked += [members[int(step * (k + 1))] for k in range(per_group)]
     side = max(max(s["raw"].shape) for s, _ in picked)
     palette = np.array(PALETTE, dtype=np.uint8)
     rows = []
     for s, p in picked:
-        grey = np.repeat(s["raw"][..., None], 3, axis=2)
-        tiles = [grey, palette[s["target"]], palette[p]]
-        tiles = [np.pad(t, ((0, side - t.shape[0]), (0, side - t.shape[1]), (0, 0))) for t in tiles]
+        tiles = [np.repeat(s["raw"][..., None], 3, axis=2), palette[s["target"]], palette[p]]
+        tiles = [np.pad(t, ((0, side - t.shape[0]), (0, side - t.shape[1]), (0, 0)))
+                 for t in tiles]
         rows.append(np.concatenate(tiles, axis=1))
     grid = np.concatenate(rows, axis=0)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
