@@ -131,14 +131,14 @@ def create_app(settings=None, model=None, publisher=None):
         body = processing.encode_mask(mask, model.meta["colours"])
         encoded = time.perf_counter()
         timings = {"decode_ms": ms(decoded - started), "inference_ms": ms(inferred - decoded),
-                   "encode_ms": ms(encoded - inferred)}
+                   "encode_ms": ms(encoded - inferred), "total_ms": ms(encoded - started)}
         publisher.publish({"model_id": model.model_id, "width": mask.shape[1],
-                           "height": mask.shape[0], **timings, "time": time.time(),
+                           "height": mask.shape[0], **timings, "time": round(time.time(), 3),
                            "fractions": processing.class_fractions(mask, model.meta["classes"])})
         response = Response(body, mimetype="image/png")
-        response.headers.update({"X-Decode-Ms": timings["decode_ms"],
-                                 "X-Inference-Ms": timings["inference_ms"],
-                                 "X-Encode-Ms": timings["encode_ms"],
+        response.headers.update({"X-Decode-Ms": str(timings["decode_ms"]),
+                                 "X-Inference-Ms": str(timings["inference_ms"]),
+                                 "X-Encode-Ms": str(timings["encode_ms"]),
                                  "X-Model-Id": model.model_id,
                                  "X-Classes": ",".join(model.meta["classes"])})
         return response
@@ -195,8 +195,8 @@ def read_upload():
 
 
 def ms(seconds):
-    """Seconds -> milliseconds, as a header-friendly string."""
-    return f"{seconds * 1000:.1f}"
+    """Seconds -> milliseconds, rounded to 0.1."""
+    return round(seconds * 1000, 1)
 
 
 def start_server(settings=None, app=None):
@@ -210,8 +210,10 @@ def start_server(settings=None, app=None):
 
 # --- Greengrass Lambda -------------------------------------------------------------------
 
-_background = {"server": None, "thread": None, "error": None}
+_background = {"server": None, "app": None, "thread": None, "error": None,
+               "ready": threading.Event()}
 _background_lock = threading.Lock()
+READY_TIMEOUT_S = 120  # a Pi 3 takes seconds to import MXNet and bind the model
 
 
 def start_in_background(settings=None):
@@ -222,13 +224,17 @@ def start_in_background(settings=None):
 
         def serve():
             try:
-                server = start_server(settings)
-                _background["server"] = server
+                app = create_app(settings)
+                server = start_server(settings, app)
+                _background["app"], _background["server"] = app, server
                 log.info("serving on port %s", server.effective_port)
-                server.run()
             except Exception as error:  # a Lambda has no terminal: log it and report it
                 _background["error"] = str(error)
-                log.exception("the segmentation server stopped")
+                log.exception("the segmentation server did not start")
+                return
+            finally:
+                _background["ready"].set()
+            server.run()
 
         thread = threading.Thread(target=serve, name="segmentation-server", daemon=True)
         _background["thread"] = thread
@@ -236,27 +242,41 @@ def start_in_background(settings=None):
         return thread
 
 
+def server_status():
+    """{"state": starting | serving | failed, "port", "model_id", "error"} of the background server."""
+    server, error = _background["server"], _background["error"]
+    if error:
+        return {"state": "failed", "port": None, "model_id": None, "error": error}
+    if server is None:
+        return {"state": "starting", "port": None, "model_id": None, "error": None}
+    state = _background["app"].extensions["segmentation"]
+    model = state["model"]
+    return {"state": "serving" if model else "failed", "port": int(server.effective_port),
+            "model_id": model.model_id if model else None, "error": state["error"]}
+
+
 def lambda_handler(event, context):
     """Greengrass entry point.
 
-    Any event makes sure the server runs and returns its status. An event carrying
-    {"image_png_base64": ...} is also segmented and gets the mask back, base64-encoded.
+    Any event makes sure the server runs and returns `server_status()` at once. An event
+    carrying {"image_png_base64": ...} waits until the server is up, segments the image with
+    the server's model and adds "mask_png_base64" and class "fractions" to the status.
     """
     start_in_background()
-    server = _background["server"]
-    status = {"serving": server is not None and _background["error"] is None,
-              "port": server.effective_port if server else None, "error": _background["error"]}
-    if isinstance(event, dict) and event.get("image_png_base64"):
-        try:
-            app_state = server.application.extensions["segmentation"] if server else None
-            model = app_state["model"] if app_state else load_model.load()
-            mask = model.segment(processing.decode_png(base64.b64decode(event["image_png_base64"])))
-            status["mask_png_base64"] = base64.b64encode(
-                processing.encode_mask(mask, model.meta["colours"])).decode()
-            status["fractions"] = processing.class_fractions(mask, model.meta["classes"])
-        except (processing.ImageError, load_model.ModelError, ValueError) as error:
-            status["error"] = str(error)
-    return status
+    if not (isinstance(event, dict) and event.get("image_png_base64")):
+        return server_status()
+    _background["ready"].wait(READY_TIMEOUT_S)
+    status = server_status()
+    if status["state"] != "serving":
+        return status
+    model = _background["app"].extensions["segmentation"]["model"]
+    try:
+        mask = model.segment(processing.decode_png(base64.b64decode(event["image_png_base64"])))
+    except (processing.ImageError, ValueError) as error:
+        return {**status, "error": str(error)}
+    encoded = processing.encode_mask(mask, model.meta["colours"])
+    return {**status, "mask_png_base64": base64.b64encode(encoded).decode(),
+            "fractions": processing.class_fractions(mask, model.meta["classes"])}
 
 
 # --- Standalone ----------------------------------------------------------------------------

@@ -48,9 +48,9 @@ def read_png(path_or_bytes):
     return np.vstack([np.asarray(r) for r in rows]).reshape(height, width, -1)[..., 0]
 
 
-def serve(settings, model=None):
+def serve(settings, model=None, publisher=None):
     """Start a real waitress server in a thread; returns (server, base_url)."""
-    app = app_module.create_app(settings, model=model)
+    app = app_module.create_app(settings, model=model, publisher=publisher)
     server = app_module.start_server(settings, app)
     threading.Thread(target=server.run, daemon=True).start()
     url = f"http://127.0.0.1:{server.effective_port}"
@@ -81,4 +81,9 @@ def server_url(model):
     settings = app_module.Settings(host="127.0.0.1", port=0, threads=4, max_upload_mb=2)
     server, url = serve(settings, model)
     yield url
-    server.close()
+    stop(server)
+
+
+def stop(server):
+    """Close a running waitress server from its own loop (closing from here races it)."""
+    server.trigger.pull_trigger(server.close)

@@ -12,7 +12,7 @@ import png
 import pytest
 
 import greengrassBrainSegmentationApp as app_module
-from conftest import read_png, serve
+from conftest import read_png, serve, stop
 from test_processing import png_with_header
 
 
@@ -138,7 +138,7 @@ def test_without_a_model_health_is_503_and_posts_explain(tmp_path, t1_png):
         status, _, body = post_png(url + "/", t1_png)
         assert status == 503 and "no model" in json.loads(body)["error"]
     finally:
-        server.close()
+        stop(server)
 
 
 def test_internal_failure_is_a_json_500(model, t1_png):
@@ -154,7 +154,7 @@ def test_internal_failure_is_a_json_500(model, t1_png):
         assert status == 500 and "internal error" in json.loads(body)["error"]
         assert request(url + "/health")[0] == 200
     finally:
-        server.close()
+        stop(server)
 
 
 def test_settings_read_the_environment_and_flags_win():

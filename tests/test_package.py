@@ -35,7 +35,7 @@ handler = importlib.import_module("greengrassBrainSegmentationApp")
 status = handler.lambda_handler({}, None)
 import flask, markupsafe
 print(json.dumps({"flask": flask.__file__, "status": status,
-                  "escape": markupsafe._escape_inner.__module__}), flush=True)
+                  "escape": markupsafe.escape.__module__}), flush=True)
 threading.Event().wait()
 """
 
