@@ -11,6 +11,7 @@ Three ways to run the same code:
 - Standalone: `python greengrassBrainSegmentationApp.py [--host H] [--port P] [--model-dir D]`.
 - In tests: `create_app(settings)` builds a fresh app; `start_server(settings)` serves it.
 """
+
 import argparse
 import base64
 import json
@@ -35,13 +36,13 @@ VERSION = "1.0.0"
 class Settings:
     """Every setting, with its environment variable; CLI flags of the same name override."""
 
-    host: str = "0.0.0.0"          # HOST
-    port: int = 5000               # PORT
-    model_dir: str = ""            # MODEL_DIR; empty = search Greengrass paths, then bundled
-    threads: int = 4               # THREADS: waitress worker threads
-    max_upload_mb: float = 20.0    # MAX_UPLOAD_MB: larger bodies get 413
+    host: str = "0.0.0.0"  # HOST
+    port: int = 5000  # PORT
+    model_dir: str = ""  # MODEL_DIR; empty = search Greengrass paths, then bundled
+    threads: int = 4  # THREADS: waitress worker threads
+    max_upload_mb: float = 20.0  # MAX_UPLOAD_MB: larger bodies get 413
     mqtt_topic: str = "brain-segmentation/inferences"  # MQTT_TOPIC, used under Greengrass
-    log_level: str = "INFO"        # LOG_LEVEL
+    log_level: str = "INFO"  # LOG_LEVEL
 
     @classmethod
     def from_env(cls, environ=None, **overrides):
@@ -54,8 +55,9 @@ class Settings:
                 try:
                     values[field.name] = field.type(raw) if field.type is not str else raw
                 except ValueError:
-                    raise SystemExit(f"error: {field.name.upper()}={raw!r} is not a valid "
-                                     f"{field.type.__name__}")
+                    raise SystemExit(
+                        f"error: {field.name.upper()}={raw!r} is not a valid {field.type.__name__}"
+                    ) from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -75,6 +77,7 @@ class Publisher:
         if client is None and os.environ.get("MY_FUNCTION_ARN"):
             try:
                 import greengrasssdk
+
                 self.client = greengrasssdk.client("iot-data")
             except Exception as error:  # outside a core the SDK cannot connect
                 log.warning("MQTT summaries disabled: %s", error)
@@ -113,10 +116,17 @@ def create_app(settings=None, model=None, publisher=None):
 
     @app.get("/")
     def usage():
-        return jsonify({"service": "brain MRI tissue segmentation", "version": VERSION,
-                        "usage": "POST a PNG slice to / or /segment (raw body or multipart "
-                                 "field 'file'); the response is a palette PNG mask",
-                        "accepts": processing.ACCEPTED, "health": "/health", "model": "/model"})
+        return jsonify(
+            {
+                "service": "brain MRI tissue segmentation",
+                "version": VERSION,
+                "usage": "POST a PNG slice to / or /segment (raw body or multipart "
+                "field 'file'); the response is a palette PNG mask",
+                "accepts": processing.ACCEPTED,
+                "health": "/health",
+                "model": "/model",
+            }
+        )
 
     @app.post("/")
     @app.post("/segment")
@@ -130,30 +140,59 @@ def create_app(settings=None, model=None, publisher=None):
         inferred = time.perf_counter()
         body = processing.encode_mask(mask, model.meta["colours"])
         encoded = time.perf_counter()
-        timings = {"decode_ms": ms(decoded - started), "inference_ms": ms(inferred - decoded),
-                   "encode_ms": ms(encoded - inferred), "total_ms": ms(encoded - started)}
-        publisher.publish({"model_id": model.model_id, "width": mask.shape[1],
-                           "height": mask.shape[0], **timings, "time": round(time.time(), 3),
-                           "fractions": processing.class_fractions(mask, model.meta["classes"])})
+        timings = {
+            "decode_ms": ms(decoded - started),
+            "inference_ms": ms(inferred - decoded),
+            "encode_ms": ms(encoded - inferred),
+            "total_ms": ms(encoded - started),
+        }
+        publisher.publish(
+            {
+                "model_id": model.model_id,
+                "width": mask.shape[1],
+                "height": mask.shape[0],
+                **timings,
+                "time": round(time.time(), 3),
+                "fractions": processing.class_fractions(mask, model.meta["classes"]),
+            }
+        )
         response = Response(body, mimetype="image/png")
-        response.headers.update({"X-Decode-Ms": str(timings["decode_ms"]),
-                                 "X-Inference-Ms": str(timings["inference_ms"]),
-                                 "X-Encode-Ms": str(timings["encode_ms"]),
-                                 "X-Model-Id": model.model_id,
-                                 "X-Classes": ",".join(model.meta["classes"])})
+        response.headers.update(
+            {
+                "X-Decode-Ms": str(timings["decode_ms"]),
+                "X-Inference-Ms": str(timings["inference_ms"]),
+                "X-Encode-Ms": str(timings["encode_ms"]),
+                "X-Model-Id": model.model_id,
+                "X-Classes": ",".join(model.meta["classes"]),
+            }
+        )
         return response
 
     @app.get("/health")
     def health():
         uptime = round(time.time() - state["started"], 1)
         if state["model"] is None:
-            return jsonify({"status": "unavailable", "model_loaded": False,
-                            "error": state["error"], "uptime_s": uptime}), 503
+            return jsonify(
+                {
+                    "status": "unavailable",
+                    "model_loaded": False,
+                    "error": state["error"],
+                    "uptime_s": uptime,
+                }
+            ), 503
         model = state["model"]
-        return jsonify({"status": "ok", "model_loaded": True, "model_id": model.model_id,
-                        "model_name": model.meta["name"], "model_dir": str(model.directory),
-                        "input_channels": model.meta["input_channels"], "uptime_s": uptime,
-                        "version": VERSION})
+        return jsonify(
+            {
+                "status": "ok",
+                "model_loaded": True,
+                "model_id": model.model_id,
+                "model_name": model.meta["name"],
+                "model_dir": str(model.directory),
+                "input_channels": model.meta["input_channels"],
+                "uptime_s": uptime,
+                "version": VERSION,
+            }
+        )
 
     @app.get("/model")
     def model_facts():
@@ -166,9 +205,11 @@ def create_app(settings=None, model=None, publisher=None):
 
     @app.errorhandler(HTTPException)
     def http_error(error):
-        messages = {405: f"method {request.method} is not allowed on {request.path}",
-                    413: f"the upload is larger than {settings.max_upload_mb:g} MB",
-                    404: f"no route {request.path}; POST images to / or /segment"}
+        messages = {
+            405: f"method {request.method} is not allowed on {request.path}",
+            413: f"the upload is larger than {settings.max_upload_mb:g} MB",
+            404: f"no route {request.path}; POST images to / or /segment",
+        }
         response = jsonify({"error": messages.get(error.code, error.description)})
         response.status_code = error.code
         if error.code == 405:
@@ -188,8 +229,9 @@ def read_upload():
     if request.mimetype == "multipart/form-data":
         upload = request.files.get("file")
         if upload is None:
-            raise processing.ImageError("the multipart form has no field 'file'; send "
-                                        "curl -F file=@slice.png")
+            raise processing.ImageError(
+                "the multipart form has no field 'file'; send curl -F file=@slice.png"
+            )
         return upload.read()
     return request.get_data(cache=False)
 
@@ -202,16 +244,27 @@ def ms(seconds):
 def start_server(settings=None, app=None):
     """Create a waitress server (not yet running); `server.effective_port` is the bound port."""
     from waitress.server import create_server
+
     settings = settings or Settings.from_env()
     app = app or create_app(settings)
-    return create_server(app, host=settings.host, port=settings.port, threads=settings.threads,
-                         ident="brain-segmentation")
+    return create_server(
+        app,
+        host=settings.host,
+        port=settings.port,
+        threads=settings.threads,
+        ident="brain-segmentation",
+    )
 
 
 # --- Greengrass Lambda -------------------------------------------------------------------
 
-_background = {"server": None, "app": None, "thread": None, "error": None,
-               "ready": threading.Event()}
+_background = {
+    "server": None,
+    "app": None,
+    "thread": None,
+    "error": None,
+    "ready": threading.Event(),
+}
 _background_lock = threading.Lock()
 READY_TIMEOUT_S = 120  # a Pi 3 takes seconds to import MXNet and bind the model
 
@@ -243,7 +296,7 @@ def start_in_background(settings=None):
 
 
 def server_status():
-    """{"state": starting | serving | failed, "port", "model_id", "error"} of the background server."""
+    """The background server: {"state": starting|serving|failed, "port", "model_id", "error"}."""
     server, error = _background["server"], _background["error"]
     if error:
         return {"state": "failed", "port": None, "model_id": None, "error": error}
@@ -251,8 +304,12 @@ def server_status():
         return {"state": "starting", "port": None, "model_id": None, "error": None}
     state = _background["app"].extensions["segmentation"]
     model = state["model"]
-    return {"state": "serving" if model else "failed", "port": int(server.effective_port),
-            "model_id": model.model_id if model else None, "error": state["error"]}
+    return {
+        "state": "serving" if model else "failed",
+        "port": int(server.effective_port),
+        "model_id": model.model_id if model else None,
+        "error": state["error"],
+    }
 
 
 def lambda_handler(event, context):
@@ -275,11 +332,15 @@ def lambda_handler(event, context):
     except (processing.ImageError, ValueError) as error:
         return {**status, "error": str(error)}
     encoded = processing.encode_mask(mask, model.meta["colours"])
-    return {**status, "mask_png_base64": base64.b64encode(encoded).decode(),
-            "fractions": processing.class_fractions(mask, model.meta["classes"])}
+    return {
+        **status,
+        "mask_png_base64": base64.b64encode(encoded).decode(),
+        "fractions": processing.class_fractions(mask, model.meta["classes"]),
+    }
 
 
 # --- Standalone ----------------------------------------------------------------------------
+
 
 def main(argv=None):
     """Serve in the foreground until interrupted."""
@@ -289,8 +350,9 @@ def main(argv=None):
     parser.add_argument("--model-dir", help="model folder (MODEL_DIR, default: search)")
     parser.add_argument("--threads", type=int, help="worker threads (THREADS, default 4)")
     args = parser.parse_args(argv)
-    settings = Settings.from_env(host=args.host, port=args.port, model_dir=args.model_dir,
-                                 threads=args.threads)
+    settings = Settings.from_env(
+        host=args.host, port=args.port, model_dir=args.model_dir, threads=args.threads
+    )
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(message)s")
     app = create_app(settings)
     if app.extensions["segmentation"]["model"] is None:

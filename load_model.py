@@ -6,6 +6,7 @@ model.tar.gz and the Greengrass ML resource hold. Module checkpoints (`arg:`/`au
 Gluon parameter files (bare names) both load. The rest of the code sees
 `Model.predict(batch) -> probabilities` and `Model.segment(slice) -> mask`.
 """
+
 import hashlib
 import json
 import logging
@@ -25,10 +26,15 @@ os.environ.setdefault("MXNET_SUBGRAPH_VERBOSE", "0")
 
 GREENGRASS_PATH = "/greengrass-machine-learning/mxnet/segmentation-net/"
 BUNDLED_PATH = Path(__file__).resolve().parent / "model" / "segmentation-net"
-DEFAULT_META = {"name": "unnamed-mxnet-model", "input_name": "data", "input_channels": 1,
-                "size_multiple": 8, "classes": processing.CLASS_NAMES,
-                "colours": [list(c) for c in processing.PALETTE],
-                "normalisation": processing.NORMALISATION}
+DEFAULT_META = {
+    "name": "unnamed-mxnet-model",
+    "input_name": "data",
+    "input_channels": 1,
+    "size_multiple": 8,
+    "classes": processing.CLASS_NAMES,
+    "colours": [list(c) for c in processing.PALETTE],
+    "normalisation": processing.NORMALISATION,
+}
 CACHED_SHAPES = 8
 
 
@@ -37,7 +43,7 @@ class ModelError(Exception):
 
 
 def candidate_dirs(model_dir=None):
-    """Where to look, in order: explicit dir, Greengrass resource (prefixed, then plain), bundled."""
+    """Where to look, in order: explicit dir, Greengrass resource (prefixed, plain), bundled."""
     candidates = []
     if model_dir:
         candidates.append((Path(model_dir), "--model-dir / MODEL_DIR"))
@@ -81,8 +87,9 @@ def load(model_dir=None):
     """Find and load the model; raises ModelError with the path and the fault."""
     directory, origin = find_model_dir(model_dir)
     model = Model(directory)
-    log.info("loaded model %s (%s) from %s [%s]", model.meta["name"], model.model_id,
-             directory, origin)
+    log.info(
+        "loaded model %s (%s) from %s [%s]", model.meta["name"], model.model_id, directory, origin
+    )
     return model
 
 
@@ -91,6 +98,7 @@ class Model:
 
     def __init__(self, directory):
         import mxnet as mx
+
         self.mx = mx
         self.directory = Path(directory)
         symbol_path, params_path, shapes_path = find_files(self.directory)
@@ -105,14 +113,19 @@ class Model:
             self.symbol = mx.sym.load(str(symbol_path))
             raw = mx.nd.load(str(params_path))
         except (OSError, ValueError, KeyError, IndexError, mx.base.MXNetError) as error:
-            raise ModelError(f"cannot read the model in {self.directory}: {first_line(error)}")
+            raise ModelError(
+                f"cannot read the model in {self.directory}: {first_line(error)}"
+            ) from error
         self.args, self.aux = split_params(raw, self.symbol)
         self.input_name = self.meta["input_name"]
-        missing = [n for n in self.symbol.list_arguments()
-                   if n != self.input_name and n not in self.args]
+        missing = [
+            n for n in self.symbol.list_arguments() if n != self.input_name and n not in self.args
+        ]
         if missing:
-            raise ModelError(f"{params_path} does not match {symbol_path.name}: "
-                             f"{len(missing)} missing parameters, e.g. {missing[:3]}")
+            raise ModelError(
+                f"{params_path} does not match {symbol_path.name}: "
+                f"{len(missing)} missing parameters, e.g. {missing[:3]}"
+            )
         self.model_id = hashlib.sha256(params_path.read_bytes()).hexdigest()[:12]
         self.params_path = params_path
         self.executors = OrderedDict()
@@ -139,8 +152,9 @@ class Model:
         try:
             executor = self.symbol.bind(mx.cpu(), args, aux_states=dict(self.aux), grad_req="null")
         except mx.base.MXNetError as error:
-            raise ModelError(f"the model in {self.directory} cannot take input {shape}: "
-                             f"{first_line(error)}")
+            raise ModelError(
+                f"the model in {self.directory} cannot take input {shape}: {first_line(error)}"
+            ) from error
         self.executors[shape] = executor
         if len(self.executors) > CACHED_SHAPES:
             self.executors.popitem(last=False)
@@ -155,8 +169,12 @@ class Model:
 
     def describe(self):
         """Facts for /health and /model."""
-        return {"model_id": self.model_id, "model_dir": str(self.directory),
-                "params_file": self.params_path.name, **self.meta}
+        return {
+            "model_id": self.model_id,
+            "model_dir": str(self.directory),
+            "params_file": self.params_path.name,
+            **self.meta,
+        }
 
 
 def split_params(raw, symbol):

@@ -4,6 +4,7 @@ Everything here takes and returns bytes or numpy arrays; no Flask, MXNet or file
 Training imports `normalise` (and the class names and colours) from here, so the server and
 the model see the same input and speak of the same classes.
 """
+
 import io
 import struct
 import zlib
@@ -19,9 +20,16 @@ MIN_SIDE = 16
 MAX_SIDE = 4096
 ACCEPTED = "PNG: 1- to 16-bit greyscale, greyscale+alpha, RGB, RGBA or palette"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-OTHER_FORMATS = [(b"\xff\xd8\xff", "JPEG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
-                 (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"\x1f\x8b", "gzip (NIfTI?)"),
-                 (b"RIFF", "WebP"), (b"%PDF", "PDF")]
+OTHER_FORMATS = [
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF8", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"\x1f\x8b", "gzip (NIfTI?)"),
+    (b"RIFF", "WebP"),
+    (b"%PDF", "PDF"),
+]
 
 
 class ImageError(Exception):
@@ -45,8 +53,9 @@ def decode_png(data):
     checked before any pixel is decompressed, so a decompression bomb costs nothing.
     """
     if not data:
-        raise ImageError("the request body is empty: send the PNG as the raw body or as "
-                         "multipart field 'file'")
+        raise ImageError(
+            "the request body is empty: send the PNG as the raw body or as multipart field 'file'"
+        )
     if not data.startswith(PNG_SIGNATURE):
         raise UnsupportedFormat(f"{sniff(data)} is not supported; send a {ACCEPTED}")
     width, height = read_header(data)
@@ -55,7 +64,9 @@ def decode_png(data):
         width, height, rows, info = png.Reader(bytes=data).asDirect()
         pixels = np.vstack([np.asarray(row) for row in rows])
     except (png.Error, zlib.error, EOFError, ValueError, struct.error) as error:
-        raise ImageError(f"the PNG is damaged or truncated ({error}); re-export it and retry")
+        raise ImageError(
+            f"the PNG is damaged or truncated ({error}); re-export it and retry"
+        ) from error
     planes = info["planes"]
     pixels = pixels.reshape(height, width, planes)
     dtype = np.uint16 if info["bitdepth"] > 8 else np.uint8
@@ -79,9 +90,9 @@ def read_header(data):
     """(width, height) from the IHDR chunk, which must come first and have a valid CRC."""
     if len(data) < 33 or data[12:16] != b"IHDR":
         raise ImageError("the PNG is truncated or has no IHDR header; re-export it and retry")
-    length, = struct.unpack(">I", data[8:12])
-    chunk = data[12:16 + length]
-    crc, = struct.unpack(">I", data[16 + length:20 + length])
+    (length,) = struct.unpack(">I", data[8:12])
+    chunk = data[12 : 16 + length]
+    (crc,) = struct.unpack(">I", data[16 + length : 20 + length])
     if length != 13 or zlib.crc32(chunk) & 0xFFFFFFFF != crc:
         raise ImageError("the PNG header is damaged (bad IHDR); re-export it and retry")
     return struct.unpack(">II", data[16:24])
@@ -90,11 +101,13 @@ def read_header(data):
 def check_size(width, height):
     """Reject slices too small to segment or too large to decode safely."""
     if width < MIN_SIDE or height < MIN_SIDE:
-        raise ImageError(f"the image is {width}x{height} pixels; slices must be at least "
-                         f"{MIN_SIDE}x{MIN_SIDE}")
+        raise ImageError(
+            f"the image is {width}x{height} pixels; slices must be at least {MIN_SIDE}x{MIN_SIDE}"
+        )
     if width > MAX_SIDE or height > MAX_SIDE:
-        raise ImageTooLarge(f"the image is {width}x{height} pixels; the limit is "
-                            f"{MAX_SIDE}x{MAX_SIDE}")
+        raise ImageTooLarge(
+            f"the image is {width}x{height} pixels; the limit is {MAX_SIDE}x{MAX_SIDE}"
+        )
 
 
 def normalise(slice_):
@@ -125,8 +138,9 @@ def to_mask(probabilities, height, width):
 def encode_mask(mask, palette=PALETTE):
     """(H, W) uint8 class indices -> 8-bit palette PNG bytes; pixel value = class index."""
     height, width = mask.shape
-    writer = png.Writer(width, height, palette=[tuple(c) for c in palette], bitdepth=8,
-                        compression=6)
+    writer = png.Writer(
+        width, height, palette=[tuple(c) for c in palette], bitdepth=8, compression=6
+    )
     out = io.BytesIO()
     writer.write_array(out, np.ascontiguousarray(mask, dtype=np.uint8).ravel())
     return out.getvalue()
@@ -134,5 +148,5 @@ def encode_mask(mask, palette=PALETTE):
 
 def class_fractions(mask, names=CLASS_NAMES):
     """Share of pixels in each class, rounded to 4 places, by class name."""
-    counts = np.bincount(mask.ravel(), minlength=len(names))[:len(names)]
+    counts = np.bincount(mask.ravel(), minlength=len(names))[: len(names)]
     return {name: round(float(n) / max(mask.size, 1), 4) for name, n in zip(names, counts)}

@@ -1,4 +1,5 @@
 """Shared fixtures: the bundled model, real slices, and a real server on a free port."""
+
 import sys
 import threading
 import time

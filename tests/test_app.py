@@ -1,4 +1,5 @@
 """The real server over HTTP: masks, health, every bad input, concurrency."""
+
 import json
 import shutil
 import subprocess
@@ -10,10 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import png
 import pytest
-
-import greengrassBrainSegmentationApp as app_module
 from conftest import read_png, serve, stop
 from test_processing import png_with_header
+
+import greengrassBrainSegmentationApp as app_module
 
 
 def request(url, data=None, method=None, headers=None):
@@ -33,9 +34,14 @@ def post_png(url, data):
 def multipart(field, data, filename="slice.png"):
     """A multipart/form-data body with one file field; returns (body, content type)."""
     boundary = uuid.uuid4().hex
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; "
-            f"filename=\"{filename}\"\r\nContent-Type: image/png\r\n\r\n").encode() + data + \
-        f"\r\n--{boundary}--\r\n".encode()
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; '
+            f'filename="{filename}"\r\nContent-Type: image/png\r\n\r\n'
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     return body, f"multipart/form-data; boundary={boundary}"
 
 
@@ -56,8 +62,7 @@ def test_raw_upload_returns_a_palette_mask_of_the_slice(server_url, t1_png, t1_l
 def test_multipart_gives_the_same_mask(server_url, t1_png):
     raw = post_png(server_url + "/segment", t1_png)[2]
     body, content_type = multipart("file", t1_png)
-    status, _, form = request(server_url + "/segment", body, "POST",
-                              {"Content-Type": content_type})
+    status, _, form = request(server_url + "/segment", body, "POST", {"Content-Type": content_type})
     assert status == 200 and form == raw
 
 
@@ -67,11 +72,24 @@ def test_curl_raw_and_multipart(server_url, head_png, tmp_path):
         pytest.skip("no curl binary on this machine")
     slice_path = tmp_path / "slice.png"
     slice_path.write_bytes(head_png)
-    subprocess.run([curl, "-sf", "--data-binary", f"@{slice_path}", "-H",
-                    "Content-Type: image/png", server_url + "/", "-o", tmp_path / "raw.png"],
-                   check=True)
-    subprocess.run([curl, "-sf", "-F", f"file=@{slice_path}", server_url + "/",
-                    "-o", tmp_path / "form.png"], check=True)
+    subprocess.run(
+        [
+            curl,
+            "-sf",
+            "--data-binary",
+            f"@{slice_path}",
+            "-H",
+            "Content-Type: image/png",
+            server_url + "/",
+            "-o",
+            tmp_path / "raw.png",
+        ],
+        check=True,
+    )
+    subprocess.run(
+        [curl, "-sf", "-F", f"file=@{slice_path}", server_url + "/", "-o", tmp_path / "form.png"],
+        check=True,
+    )
     raw = read_png(tmp_path / "raw.png")
     assert raw.shape == (109, 91)
     assert (tmp_path / "raw.png").read_bytes() == (tmp_path / "form.png").read_bytes()
@@ -91,23 +109,35 @@ def jpeg():
     return b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(200)
 
 
-@pytest.mark.parametrize("name, send, status, words", [
-    ("empty body", lambda u, p: post_png(u + "/", b""), 400, "empty"),
-    ("not an image", lambda u, p: post_png(u + "/", b"just some text"), 415, "PNG"),
-    ("truncated PNG", lambda u, p: post_png(u + "/", p[: len(p) // 2]), 400, "truncated"),
-    ("100000x100000 header", lambda u, p: post_png(u + "/", png_with_header(100000, 100000)),
-     413, "limit"),
-    ("JPEG", lambda u, p: post_png(u + "/", jpeg()), 415, "JPEG"),
-    ("1x1 image", lambda u, p: post_png(u + "/", png_with_header(1, 1)), 400, "at least"),
-    ("multipart without file", lambda u, p: request(u + "/", *multipart_request("other", p)),
-     400, "'file'"),
-    ("wrong method", lambda u, p: request(u + "/", method="DELETE"), 405, "not allowed"),
-    ("GET on /segment", lambda u, p: request(u + "/segment"), 405, "not allowed"),
-    ("unknown path", lambda u, p: request(u + "/nowhere"), 404, "no route"),
-    ("body over the limit", lambda u, p: post_png(u + "/", bytes(3 * 1024 * 1024)), 413, "MB"),
-])
+@pytest.mark.parametrize(
+    "name, send, status, words",
+    [
+        ("empty body", lambda u, p: post_png(u + "/", b""), 400, "empty"),
+        ("not an image", lambda u, p: post_png(u + "/", b"just some text"), 415, "PNG"),
+        ("truncated PNG", lambda u, p: post_png(u + "/", p[: len(p) // 2]), 400, "truncated"),
+        (
+            "100000x100000 header",
+            lambda u, p: post_png(u + "/", png_with_header(100000, 100000)),
+            413,
+            "limit",
+        ),
+        ("JPEG", lambda u, p: post_png(u + "/", jpeg()), 415, "JPEG"),
+        ("1x1 image", lambda u, p: post_png(u + "/", png_with_header(1, 1)), 400, "at least"),
+        (
+            "multipart without file",
+            lambda u, p: request(u + "/", *multipart_request("other", p)),
+            400,
+            "'file'",
+        ),
+        ("wrong method", lambda u, p: request(u + "/", method="DELETE"), 405, "not allowed"),
+        ("GET on /segment", lambda u, p: request(u + "/segment"), 405, "not allowed"),
+        ("unknown path", lambda u, p: request(u + "/nowhere"), 404, "no route"),
+        ("body over the limit", lambda u, p: post_png(u + "/", bytes(3 * 1024 * 1024)), 413, "MB"),
+    ],
+)
 def test_bad_input_gets_a_json_4xx_and_the_server_keeps_serving(
-        server_url, t1_png, name, send, status, words):
+    server_url, t1_png, name, send, status, words
+):
     got, headers, body = send(server_url, t1_png)
     assert got == status, name
     assert headers["Content-Type"] == "application/json"
@@ -169,5 +199,8 @@ def test_16_bit_and_8_bit_uploads_of_one_slice_agree(server_url, head_png):
     narrow = np.round(wide / 257).astype(np.uint8)
     out = __import__("io").BytesIO()
     png.from_array(narrow, "L").write(out)
-    a, b = read_png(post_png(server_url + "/", head_png)[2]), read_png(post_png(server_url + "/", out.getvalue())[2])
+    a, b = (
+        read_png(post_png(server_url + "/", head_png)[2]),
+        read_png(post_png(server_url + "/", out.getvalue())[2]),
+    )
     assert (a == b).mean() > 0.98

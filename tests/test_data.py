@@ -1,4 +1,5 @@
 """OASIS-1 loading from an Analyze-format fixture laid out like the OASIS discs."""
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -26,8 +27,14 @@ def write_session(root, session, seed):
 
 @pytest.fixture
 def oasis(tmp_path):
-    sessions = ["OAS1_0001_MR1", "OAS1_0002_MR1", "OAS1_0002_MR2", "OAS1_0003_MR1",
-                "OAS1_0004_MR1", "OAS1_0005_MR1"]
+    sessions = [
+        "OAS1_0001_MR1",
+        "OAS1_0002_MR1",
+        "OAS1_0002_MR2",
+        "OAS1_0003_MR1",
+        "OAS1_0004_MR1",
+        "OAS1_0005_MR1",
+    ]
     labels = {s: write_session(tmp_path / "disc1", s, i) for i, s in enumerate(sessions)}
     (tmp_path / "disc1" / "OAS1_0006_MR1" / "PROCESSED").mkdir(parents=True)  # no images
     return tmp_path, labels
@@ -53,7 +60,7 @@ def test_split_keeps_every_session_of_a_patient_together(oasis):
 def test_loads_volumes_with_their_labels(oasis):
     root, labels = oasis
     pairs = [p for p in data.find_oasis(root) if "OAS1_0002_MR2" in p[0]]
-    volume, = data.load_oasis(pairs)
+    (volume,) = data.load_oasis(pairs)
     assert volume.name == "OAS1_0002" and volume.family == "oasis"
     assert volume.image.shape == SHAPE and volume.image.dtype == np.float32
     assert np.array_equal(volume.labels(), labels["OAS1_0002_MR2"])
@@ -71,11 +78,30 @@ def test_the_train_command_trains_on_oasis(oasis, tmp_path):
     import sys
 
     from conftest import ROOT
+
     root, _ = oasis
     result = subprocess.run(
-        [sys.executable, "-m", "training.train", "--data-dir", str(root), "--epochs", "1",
-         "--iterations", "2", "--batch-size", "2", "--size", "32", "--run-dir",
-         str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "training.train",
+            "--data-dir",
+            str(root),
+            "--epochs",
+            "1",
+            "--iterations",
+            "2",
+            "--batch-size",
+            "2",
+            "--size",
+            "32",
+            "--run-dir",
+            str(tmp_path / "run"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "training on ['OAS1_" in result.stdout and "epoch 1/1" in result.stdout
     assert (tmp_path / "run" / "model" / "model-symbol.json").exists()

@@ -1,4 +1,5 @@
 """The Greengrass Lambda path from the repository: import as the runtime does, then HTTP."""
+
 import base64
 import json
 import os
@@ -33,10 +34,19 @@ def free_port():
 
 def test_import_starts_one_server_and_the_handler_segments(t1_png, t1_label):
     port = free_port()
-    env = dict(os.environ, MY_FUNCTION_ARN="arn:aws:lambda:eu-west-1:1:function:brainSeg:1",
-               PORT=str(port), HOST="127.0.0.1")
-    process = subprocess.Popen([sys.executable, "-c", RUNTIME, base64.b64encode(t1_png).decode()],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    env = dict(
+        os.environ,
+        MY_FUNCTION_ARN="arn:aws:lambda:eu-west-1:1:function:brainSeg:1",
+        PORT=str(port),
+        HOST="127.0.0.1",
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", RUNTIME, base64.b64encode(t1_png).decode()],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         report = json.loads(process.stdout.readline())
         assert report["first"]["state"] in ("starting", "serving")
@@ -49,6 +59,7 @@ def test_import_starts_one_server_and_the_handler_segments(t1_png, t1_label):
         assert report["status"]["model_id"] == with_image["model_id"]
         wait_healthy(f"http://127.0.0.1:{port}")
         import urllib.request
+
         req = urllib.request.Request(f"http://127.0.0.1:{port}/", data=t1_png, method="POST")
         with urllib.request.urlopen(req, timeout=60) as response:
             assert response.status == 200
@@ -59,11 +70,14 @@ def test_import_starts_one_server_and_the_handler_segments(t1_png, t1_label):
 
 
 def test_a_bad_image_event_is_reported_not_raised():
-    code = ("import json, greengrassBrainSegmentationApp as app; "
-            "print(json.dumps(app.lambda_handler({'image_png_base64': 'bm90IGEgcG5n'}, None)))")
+    code = (
+        "import json, greengrassBrainSegmentationApp as app; "
+        "print(json.dumps(app.lambda_handler({'image_png_base64': 'bm90IGEgcG5n'}, None)))"
+    )
     env = dict(os.environ, PORT=str(free_port()), HOST="127.0.0.1")
     env.pop("MY_FUNCTION_ARN", None)
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     status = json.loads(out.stdout.strip().splitlines()[-1])
     assert status["state"] == "serving" and "not supported" in status["error"]

@@ -1,4 +1,5 @@
 """load_model.py: finding checkpoints, both parameter layouts, clear faults, the forward pass."""
+
 import json
 import shutil
 import subprocess
@@ -7,9 +8,9 @@ import sys
 import mxnet as mx
 import numpy as np
 import pytest
+from conftest import ROOT, read_png
 
 import load_model
-from conftest import ROOT, read_png
 
 
 def copy_model(target, prefix="model", epoch=0):
@@ -54,6 +55,7 @@ def test_highest_epoch_and_gluon_style_keys_load(tmp_path, model, t1_png):
     assert loaded.params_path.name == "seg-0012.params"
     assert loaded.meta["input_channels"] == 1 and loaded.meta["name"] == "unnamed-mxnet-model"
     from processing import decode_png
+
     slice_ = decode_png(t1_png)
     assert np.array_equal(loaded.segment(slice_), model.segment(slice_))
 
@@ -98,22 +100,27 @@ def test_search_order_prefers_the_prefixed_greengrass_resource(tmp_path, monkeyp
     monkeypatch.delenv("AWS_GG_RESOURCE_PREFIX")
     directory, origin = load_model.find_model_dir()
     assert directory == load_model.BUNDLED_PATH or directory == load_model.Path(
-        load_model.GREENGRASS_PATH)
+        load_model.GREENGRASS_PATH
+    )
 
 
 def test_serving_needs_no_training_code_and_no_custom_op():
     graph = json.loads((load_model.BUNDLED_PATH / "model-symbol.json").read_text())
     ops = {node["op"] for node in graph["nodes"]}
     assert "Custom" not in ops and "Convolution" in ops
-    code = ("import sys, numpy as np, load_model; m = load_model.load(); "
-            "print(m.segment(np.zeros((32, 32), np.uint8)).shape); "
-            "print(sorted(k for k in sys.modules if k.split('.')[0] == 'training'))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout.splitlines()
+    code = (
+        "import sys, numpy as np, load_model; m = load_model.load(); "
+        "print(m.segment(np.zeros((32, 32), np.uint8)).shape); "
+        "print(sorted(k for k in sys.modules if k.split('.')[0] == 'training'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     assert out[-2:] == ["(32, 32)", "[]"]
 
 
 def test_mask_png_of_the_bundled_model_is_readable(model, t1_png):
     from processing import decode_png, encode_mask
+
     mask = model.segment(decode_png(t1_png))
     assert np.array_equal(read_png(encode_mask(mask)), mask)

@@ -1,4 +1,5 @@
 """The Greengrass zip: its contents, same bytes every build, and that it serves once unzipped."""
+
 import importlib.util
 import json
 import os
@@ -19,12 +20,31 @@ ZIP_NAME = "greengrassBrainSegmentation.zip"
 RECIPE = ROOT / "deploy" / "greengrass-v2-recipe.yaml"
 ARN = "arn:aws:lambda:eu-west-1:123456789012:function:brainSeg:1"
 APP_MODULES = {"greengrassBrainSegmentationApp.py", "load_model.py", "processing.py"}
-PURE_PACKAGES = {"png.py", "flask", "werkzeug", "jinja2", "markupsafe", "itsdangerous", "click",
-                 "blinker", "waitress", "greengrasssdk", "cbor2"}
+PURE_PACKAGES = {
+    "png.py",
+    "flask",
+    "werkzeug",
+    "jinja2",
+    "markupsafe",
+    "itsdangerous",
+    "click",
+    "blinker",
+    "waitress",
+    "greengrasssdk",
+    "cbor2",
+}
 # What `import mxnet` needs besides the zip: mxnet, numpy with its bundled libraries, and
 # requests, which mxnet.gluon imports at import time.
-NATIVE = ["mxnet", "numpy", "numpy.libs", "requests", "urllib3", "idna", "charset_normalizer",
-          "certifi"]
+NATIVE = [
+    "mxnet",
+    "numpy",
+    "numpy.libs",
+    "requests",
+    "urllib3",
+    "idna",
+    "charset_normalizer",
+    "certifi",
+]
 
 # Loads the handler module the way the Greengrass Python runtime does, then stays alive as a
 # pinned Lambda's process does. argv: the code folder, then the folder with the native packages.
@@ -42,9 +62,13 @@ threading.Event().wait()
 
 def build(out, *options, python=sys.executable):
     """Run build_zip.sh with `options`; returns the CompletedProcess."""
-    return subprocess.run(["bash", str(ROOT / "build_zip.sh"), "--out", str(out), *options],
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHON": python})
+    return subprocess.run(
+        ["bash", str(ROOT / "build_zip.sh"), "--out", str(out), *options],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHON": python},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +113,9 @@ def free_port():
 
 def segment(url, png_bytes):
     """POST a slice; returns (status, content type, body)."""
-    request = urllib.request.Request(url + "/segment", data=png_bytes, method="POST",
-                                     headers={"Content-Type": "image/png"})
+    request = urllib.request.Request(
+        url + "/segment", data=png_bytes, method="POST", headers={"Content-Type": "image/png"}
+    )
     with urllib.request.urlopen(request, timeout=60) as response:
         return response.status, response.headers["Content-Type"], response.read()
 
@@ -147,14 +172,19 @@ def test_with_model_adds_only_the_bundled_model(zips):
     with zipfile.ZipFile(zips["plain"]) as plain, zipfile.ZipFile(zips["model"]) as with_model:
         added = set(with_model.namelist()) - set(plain.namelist())
     model_dir = ROOT / "model" / "segmentation-net"
-    assert added == {f"model/segmentation-net/{p.name}" for p in model_dir.iterdir()
-                     if p.is_file()}
+    assert added == {f"model/segmentation-net/{p.name}" for p in model_dir.iterdir() if p.is_file()}
 
 
 def test_unzipped_package_serves_as_a_greengrass_lambda(unzipped, native_dir, t1_png, tmp_path):
     port = free_port()
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "MY_FUNCTION_ARN": ARN,
-           "PORT": str(port), "HOST": "127.0.0.1", "MXNET_ENGINE_TYPE": "NaiveEngine"}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "MY_FUNCTION_ARN": ARN,
+        "PORT": str(port),
+        "HOST": "127.0.0.1",
+        "MXNET_ENGINE_TYPE": "NaiveEngine",
+    }
     # -I -S: no user or venv site-packages, no PYTHON* variables; the paths come in argv.
     command = [sys.executable, "-I", "-S", "-c", LAMBDA_RUNTIME, str(unzipped), str(native_dir)]
     log_path = tmp_path / "lambda.log"
@@ -185,8 +215,10 @@ def test_unzipped_package_serves_as_a_greengrass_lambda(unzipped, native_dir, t1
 def test_recipe_names_the_zip_and_the_native_pins():
     recipe = yaml.safe_load(RECIPE.read_text())
     assert recipe["RecipeFormatVersion"] == "2020-01-25"
-    assert recipe["ComponentConfiguration"]["DefaultConfiguration"] == {"Port": 5000,
-                                                                         "ModelDir": ""}
+    assert recipe["ComponentConfiguration"]["DefaultConfiguration"] == {
+        "Port": 5000,
+        "ModelDir": "",
+    }
     manifest = recipe["Manifests"][0]
     artifact = manifest["Artifacts"][0]
     assert artifact["URI"].endswith("/" + ZIP_NAME)
@@ -212,13 +244,20 @@ def test_recipe_run_step_serves(unzipped, tmp_path):
     activate.write_text(f'PATH="{python_bin}:$PATH"; export PATH\n')
     port = free_port()
     model_dir = ROOT / "model" / "segmentation-net"
-    run = (lifecycle["Run"].replace("{work:path}", str(tmp_path / "work"))
-           .replace("{artifacts:decompressedPath}", str(unzipped.parent))
-           .replace("{configuration:/Port}", str(port))
-           .replace("{configuration:/ModelDir}", str(model_dir)))
+    run = (
+        lifecycle["Run"]
+        .replace("{work:path}", str(tmp_path / "work"))
+        .replace("{artifacts:decompressedPath}", str(unzipped.parent))
+        .replace("{configuration:/Port}", str(port))
+        .replace("{configuration:/ModelDir}", str(model_dir))
+    )
     assert "{" not in run
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HOST": "127.0.0.1",
-           **lifecycle.get("Setenv", {})}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "HOST": "127.0.0.1",
+        **lifecycle.get("Setenv", {}),
+    }
     log_path = tmp_path / "component.log"
     process = started(["sh", "-c", run], log_path, cwd=tmp_path, env=env)
     try:
@@ -234,10 +273,13 @@ def test_recipe_run_step_serves(unzipped, tmp_path):
         stop(process)
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (["--bogus"], "unknown option '--bogus'"),
-    (["--with-native"], "--with-native needs a platform"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--bogus"], "unknown option '--bogus'"),
+        (["--with-native"], "--with-native needs a platform"),
+    ],
+)
 def test_build_rejects_bad_options(arguments, message, tmp_path):
     result = build(tmp_path, *arguments)
     assert result.returncode != 0

@@ -1,4 +1,5 @@
 """processing.py: decoding every PNG flavour, rejecting bad ones, normalising, encoding."""
+
 import io
 import struct
 import zlib
@@ -6,9 +7,9 @@ import zlib
 import numpy as np
 import png
 import pytest
+from conftest import read_png
 
 import processing
-from conftest import read_png
 
 
 def encode(array, **info):
@@ -68,8 +69,9 @@ def test_palette_is_resolved(grey):
 
 
 def test_normalise_is_independent_of_bit_depth(grey):
-    assert np.allclose(processing.normalise(grey),
-                       processing.normalise(grey.astype(np.uint16) * 257), atol=1e-5)
+    assert np.allclose(
+        processing.normalise(grey), processing.normalise(grey.astype(np.uint16) * 257), atol=1e-5
+    )
     normalised = processing.normalise(grey)
     assert normalised.dtype == np.float32 and normalised.min() == 0 and normalised.max() <= 2
 
@@ -78,15 +80,18 @@ def test_normalise_of_a_blank_slice_is_zero():
     assert not processing.normalise(np.full((20, 20), 7, np.uint8)).any()
 
 
-@pytest.mark.parametrize("data, error, words", [
-    (b"", processing.ImageError, "empty"),
-    (b"hello, this is not an image at all", processing.UnsupportedFormat, "not an image"),
-    (b"\xff\xd8\xff\xe0\x00\x10JFIF" + bytes(100), processing.UnsupportedFormat, "JPEG"),
-    (b"GIF89a" + bytes(100), processing.UnsupportedFormat, "GIF"),
-    (bytes(128) + b"DICM" + bytes(100), processing.UnsupportedFormat, "DICOM"),
-    (png_with_header(100000, 100000), processing.ImageTooLarge, "100000x100000"),
-    (png_with_header(1, 1), processing.ImageError, "at least"),
-])
+@pytest.mark.parametrize(
+    "data, error, words",
+    [
+        (b"", processing.ImageError, "empty"),
+        (b"hello, this is not an image at all", processing.UnsupportedFormat, "not an image"),
+        (b"\xff\xd8\xff\xe0\x00\x10JFIF" + bytes(100), processing.UnsupportedFormat, "JPEG"),
+        (b"GIF89a" + bytes(100), processing.UnsupportedFormat, "GIF"),
+        (bytes(128) + b"DICM" + bytes(100), processing.UnsupportedFormat, "DICOM"),
+        (png_with_header(100000, 100000), processing.ImageTooLarge, "100000x100000"),
+        (png_with_header(1, 1), processing.ImageError, "at least"),
+    ],
+)
 def test_rejects_with_a_clear_message(data, error, words):
     with pytest.raises(error, match=words) as caught:
         processing.decode_png(data)

@@ -1,4 +1,5 @@
 """MQTT inference summaries: what the Publisher sends, and that a failed publish fails nothing."""
+
 import json
 import threading
 import urllib.request
@@ -34,8 +35,9 @@ def serve_with(model):
 
     def start(client):
         settings = app_module.Settings(host="127.0.0.1", port=0, threads=2, mqtt_topic=TOPIC)
-        app = app_module.create_app(settings, model=model,
-                                    publisher=Publisher(settings.mqtt_topic, client=client))
+        app = app_module.create_app(
+            settings, model=model, publisher=Publisher(settings.mqtt_topic, client=client)
+        )
         server = app_module.start_server(settings, app)
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
@@ -54,8 +56,9 @@ def serve_with(model):
 
 def post(url, body):
     """POST raw PNG bytes to /segment; returns (status, content type, body)."""
-    request = urllib.request.Request(url + "/segment", data=body, method="POST",
-                                     headers={"Content-Type": "image/png"})
+    request = urllib.request.Request(
+        url + "/segment", data=body, method="POST", headers={"Content-Type": "image/png"}
+    )
     with urllib.request.urlopen(request, timeout=60) as response:
         return response.status, response.headers["Content-Type"], response.read()
 

@@ -1,4 +1,5 @@
 """Training: the ENet itself, a learning run on a trivial task, SageMaker layout, resuming."""
+
 import json
 import os
 import re
@@ -8,9 +9,9 @@ import sys
 import mxnet as mx
 import numpy as np
 import pytest
+from conftest import ROOT
 
 import load_model
-from conftest import ROOT
 from training import train
 from training.enet import ENet
 from training.synth import SliceSampler
@@ -19,7 +20,7 @@ from training.synth import SliceSampler
 def sphere_volume(path, size=40, family="toy"):
     """A head made of nested spheres: WM core, GM shell, CSF shell, skull-like ring; as .npz."""
     grid = np.indices((size,) * 3) - size / 2
-    radius = np.sqrt((grid ** 2).sum(0))
+    radius = np.sqrt((grid**2).sum(0))
     classes = np.digitize(radius, [7, 11, 13, 15, 17])  # WM, GM, CSF, other, bone, air
     generation = np.array([3, 2, 1, 6, 4, 0])[classes]
     probs = np.stack([generation == k for k in range(7)]).astype(np.float16)
@@ -45,6 +46,7 @@ def test_enet_has_about_360k_parameters_and_keeps_the_size():
 
 def test_sampler_gives_normalised_slices_and_valid_targets(toy_volumes):
     from training.data import load_templates
+
     sampler = SliceSampler(load_templates(toy_volumes), size=32, seed=3)
     images, targets = sampler.batch(6)
     assert images.shape == (6, 1, 32, 32) and targets.shape == (6, 32, 32)
@@ -56,8 +58,11 @@ def epochs_from_log(text):
     """[(loss, mean tissue dice)] per epoch line of a training log."""
     rows = []
     for line in text.splitlines():
-        match = re.search(r"epoch \d+/\d+ loss ([\d.]+) .* dice_csf ([\d.]+) "
-                          r"dice_grey_matter ([\d.]+) dice_white_matter ([\d.]+)", line)
+        match = re.search(
+            r"epoch \d+/\d+ loss ([\d.]+) .* dice_csf ([\d.]+) "
+            r"dice_grey_matter ([\d.]+) dice_white_matter ([\d.]+)",
+            line,
+        )
         if match:
             loss, *dice = map(float, match.groups())
             rows.append((loss, float(np.mean(dice))))
@@ -65,20 +70,42 @@ def epochs_from_log(text):
 
 
 def test_a_short_run_learns_and_writes_the_sagemaker_layout(toy_volumes, tmp_path):
-    env = dict(os.environ, SM_CHANNEL_TRAIN=str(toy_volumes), SM_MODEL_DIR=str(tmp_path / "model"),
-               SM_OUTPUT_DATA_DIR=str(tmp_path / "output"), SM_HOSTS='["algo-1"]')
-    command = [sys.executable, "training/train.py", "--epochs", "6", "--iterations", "15",
-               "--batch-size", "8", "--size", "32", "--lr", "0.01", "--seed", "1"]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=600)
+    env = dict(
+        os.environ,
+        SM_CHANNEL_TRAIN=str(toy_volumes),
+        SM_MODEL_DIR=str(tmp_path / "model"),
+        SM_OUTPUT_DATA_DIR=str(tmp_path / "output"),
+        SM_HOSTS='["algo-1"]',
+    )
+    command = [
+        sys.executable,
+        "training/train.py",
+        "--epochs",
+        "6",
+        "--iterations",
+        "15",
+        "--batch-size",
+        "8",
+        "--size",
+        "32",
+        "--lr",
+        "0.01",
+        "--seed",
+        "1",
+    ]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     epochs = epochs_from_log(result.stdout)
     assert len(epochs) == 6
     assert epochs[-1][0] < epochs[0][0], "the loss must fall"
     assert max(d for _, d in epochs[1:]) > epochs[0][1] + 0.1, "tissue Dice must rise"
     files = sorted(p.name for p in (tmp_path / "model").iterdir())
-    assert files == ["model-0000.params", "model-meta.json", "model-shapes.json",
-                     "model-symbol.json"]
+    assert files == [
+        "model-0000.params",
+        "model-meta.json",
+        "model-shapes.json",
+        "model-symbol.json",
+    ]
     meta = json.loads((tmp_path / "model" / "model-meta.json").read_text())
     assert meta["classes"][0] == "background" and meta["input_channels"] == 1
     loaded = load_model.load(str(tmp_path / "model"))
@@ -86,9 +113,22 @@ def test_a_short_run_learns_and_writes_the_sagemaker_layout(toy_volumes, tmp_pat
 
 
 def test_a_restarted_run_resumes_from_its_checkpoint(toy_volumes, tmp_path):
-    command = [sys.executable, "-m", "training.train", "--data-dir", str(toy_volumes),
-               "--run-dir", str(tmp_path / "run"), "--iterations", "2", "--batch-size", "2",
-               "--size", "32", "--epochs"]
+    command = [
+        sys.executable,
+        "-m",
+        "training.train",
+        "--data-dir",
+        str(toy_volumes),
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--iterations",
+        "2",
+        "--batch-size",
+        "2",
+        "--size",
+        "32",
+        "--epochs",
+    ]
     for epochs in ("1", "2"):
         result = subprocess.run(command + [epochs], cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-2000:]

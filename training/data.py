@@ -3,6 +3,7 @@
 A `Volume` holds an image (X, Y, Z) float32 (or None), generation-class probabilities
 (K, X, Y, Z) float16 (see `training.sources`), voxel spacing in mm and its family name.
 """
+
 import glob
 import os
 import zlib
@@ -34,8 +35,11 @@ def load_templates(folder):
         with np.load(path) as data:
             if "probs" not in data:
                 continue
-            volumes.append(Volume(path.stem, str(data["family"]), data["image"],
-                                  data["probs"], data["spacing"]))
+            volumes.append(
+                Volume(
+                    path.stem, str(data["family"]), data["image"], data["probs"], data["spacing"]
+                )
+            )
     if not volumes:
         raise FileNotFoundError(f"no prepared volumes in {folder}: run python -m training.sources")
     return volumes
@@ -74,11 +78,15 @@ def split_patients(pairs, validation_fraction=0.2):
 def load_oasis(pairs):
     """OASIS-1 Analyze volumes as Volumes; FSL FAST labels 0..3 become one-hot probabilities."""
     import nibabel as nib
+
     volumes = []
     for image_path, label_path in pairs:
         image = nib.load(image_path)
-        data = np.asarray(image.dataobj, dtype=np.float32)[..., 0] if image.ndim == 4 else \
-            np.asarray(image.dataobj, dtype=np.float32)
+        data = (
+            np.asarray(image.dataobj, dtype=np.float32)[..., 0]
+            if image.ndim == 4
+            else np.asarray(image.dataobj, dtype=np.float32)
+        )
         labels = np.asarray(nib.load(label_path).dataobj)
         labels = (labels[..., 0] if labels.ndim == 4 else labels).astype(np.uint8)
         probs = np.zeros((7,) + labels.shape, dtype=np.float16)

@@ -4,6 +4,7 @@ Only built-in operators are used, so the exported graph loads without this packa
 max-unpooling is rebuilt from `Pooling`, `UpSampling` and `broadcast_equal`, and spatial
 dropout is `Dropout(axes=(2, 3))`.
 """
+
 from mxnet.gluon import nn
 from mxnet.gluon.block import HybridBlock
 
@@ -13,8 +14,11 @@ CLASSES = 4
 def conv_bn_prelu(channels, kernel, stride=1, padding=0, dilation=1):
     """Conv (no bias) -> BatchNorm -> PReLU, the unit every ENet branch is made of."""
     block = nn.HybridSequential()
-    block.add(nn.Conv2D(channels, kernel, stride, padding, dilation, use_bias=False),
-              nn.BatchNorm(), nn.PReLU())
+    block.add(
+        nn.Conv2D(channels, kernel, stride, padding, dilation, use_bias=False),
+        nn.BatchNorm(),
+        nn.PReLU(),
+    )
     return block
 
 
@@ -41,8 +45,10 @@ class Bottleneck(HybridBlock):
         self.reduce = conv_bn_prelu(inner, 1)
         if kind == "asymmetric":
             self.main = nn.HybridSequential()
-            self.main.add(nn.Conv2D(inner, (5, 1), padding=(2, 0), use_bias=False),
-                          conv_bn_prelu(inner, (1, 5), padding=(0, 2)))
+            self.main.add(
+                nn.Conv2D(inner, (5, 1), padding=(2, 0), use_bias=False),
+                conv_bn_prelu(inner, (1, 5), padding=(0, 2)),
+            )
         else:
             self.main = conv_bn_prelu(inner, 3, padding=dilation, dilation=dilation)
         self.expand = nn.HybridSequential()
@@ -88,8 +94,11 @@ class UpBottleneck(HybridBlock):
         self.skip_conv.add(nn.Conv2D(channels, 1, use_bias=False), nn.BatchNorm())
         self.reduce = conv_bn_prelu(channels // 4, 1)
         self.up = nn.HybridSequential()
-        self.up.add(nn.Conv2DTranspose(channels // 4, 3, 2, 1, output_padding=1, use_bias=False),
-                    nn.BatchNorm(), nn.PReLU())
+        self.up.add(
+            nn.Conv2DTranspose(channels // 4, 3, 2, 1, output_padding=1, use_bias=False),
+            nn.BatchNorm(),
+            nn.PReLU(),
+        )
         self.expand = nn.HybridSequential()
         self.expand.add(nn.Conv2D(channels, 1, use_bias=False), nn.BatchNorm())
         self.out_act = nn.PReLU()
@@ -97,7 +106,8 @@ class UpBottleneck(HybridBlock):
     def hybrid_forward(self, F, x, encoder_input, encoder_pooled):
         # Max-unpooling: a pixel keeps the value where it was the max of its 2x2 window.
         switches = F.broadcast_equal(
-            encoder_input, F.UpSampling(encoder_pooled, scale=2, sample_type="nearest"))
+            encoder_input, F.UpSampling(encoder_pooled, scale=2, sample_type="nearest")
+        )
         skip = F.UpSampling(self.skip_conv(x), scale=2, sample_type="nearest") * switches
         branch = self.expand(self.up(self.reduce(x)))
         return self.out_act(skip + branch)
@@ -118,10 +128,17 @@ class ENet(HybridBlock):
             self.stage1.add(Bottleneck(64, dropout=0.01))
         self.down2 = DownBottleneck(64, 128, 0.1)
         self.stage23 = nn.HybridSequential()
-        for repeat in range(2):
-            for kind, dilation in (("regular", 1), ("dilated", 2), ("asymmetric", 1),
-                                   ("dilated", 4), ("regular", 1), ("dilated", 8),
-                                   ("asymmetric", 1), ("dilated", 16)):
+        for _ in range(2):
+            for kind, dilation in (
+                ("regular", 1),
+                ("dilated", 2),
+                ("asymmetric", 1),
+                ("dilated", 4),
+                ("regular", 1),
+                ("dilated", 8),
+                ("asymmetric", 1),
+                ("dilated", 16),
+            ):
                 self.stage23.add(Bottleneck(128, kind, dilation, 0.1))
         self.up4 = UpBottleneck(64)
         self.stage4 = nn.HybridSequential()

@@ -7,6 +7,7 @@
 --pairs reads `<name>.png` slices with `<name>_label.png` masks (values 0..3).
 The model is loaded through `load_model.py`, exactly as the server loads it.
 """
+
 import argparse
 import sys
 from collections import defaultdict
@@ -38,6 +39,7 @@ def main(argv=None):
             sys.exit(f"error: no prepared volumes of family '{args.family}' in {args.volumes}")
         slices = validation_slices(volumes, args.every)
     import load_model
+
     try:
         model = load_model.load(args.model_dir)
     except load_model.ModelError as error:
@@ -68,15 +70,23 @@ def validation_slices(volumes, every=3):
                 for index in brain_slices(labels, plane, 0.05)[::every]:
                     raw = planes(image, plane)[index]
                     raw = np.round(255 * raw / max(float(image.max()), 1e-6)).astype(np.uint8)
-                    slices.append({"raw": raw, "image": normalise(raw),
-                                   "target": planes(labels, plane)[index], "plane": plane_name,
-                                   "variant": variant, "volume": volume.name})
+                    slices.append(
+                        {
+                            "raw": raw,
+                            "image": normalise(raw),
+                            "target": planes(labels, plane)[index],
+                            "plane": plane_name,
+                            "variant": variant,
+                            "volume": volume.name,
+                        }
+                    )
     return slices
 
 
 def predict_slices(net, slices, multiple=8):
     """Masks from a Gluon network for each slice dict (training-time validation)."""
     import mxnet as mx
+
     masks = []
     for s in slices:
         height, width = s["image"].shape
@@ -109,6 +119,7 @@ def pixel_accuracy(slices, predictions, where=lambda s: True):
 def multi_otsu(raw):
     """Classical baseline: 4-class multi-Otsu thresholds, darkest to brightest = bg, CSF, GM, WM."""
     from skimage.filters import threshold_multiotsu
+
     try:
         thresholds = threshold_multiotsu(raw, classes=4)
     except ValueError:  # fewer than four grey levels
@@ -121,29 +132,45 @@ def print_table(slices, predictions, baseline):
     groups = defaultdict(int)
     for s in slices:
         groups[(s["variant"], s["plane"])] += 1
-    header = f"{'variant':9} {'plane':9} {'n':>4} {'method':10} " + \
-        " ".join(f"{c[:12]:>12}" for c in CLASSES) + f" {'pixel_acc':>9}"
+    header = (
+        f"{'variant':9} {'plane':9} {'n':>4} {'method':10} "
+        + " ".join(f"{c[:12]:>12}" for c in CLASSES)
+        + f" {'pixel_acc':>9}"
+    )
     print(header)
     for (variant, plane), count in sorted(groups.items()) + [(("all", "all"), len(slices))]:
+
         def where(s, variant=variant, plane=plane):
             return variant == "all" or (s["variant"] == variant and s["plane"] == plane)
+
         for method, masks in (("enet", predictions), ("multi-otsu", baseline)):
             scores = dice_scores(slices, masks, where)
-            print(f"{variant:9} {plane:9} {count:4d} {method:10} "
-                  + " ".join(f"{scores[c]:12.3f}" for c in CLASSES)
-                  + f" {pixel_accuracy(slices, masks, where):9.3f}")
+            print(
+                f"{variant:9} {plane:9} {count:4d} {method:10} "
+                + " ".join(f"{scores[c]:12.3f}" for c in CLASSES)
+                + f" {pixel_accuracy(slices, masks, where):9.3f}"
+            )
 
 
 def pair_slices(folder):
     """Slice dicts from a folder of <name>.png and <name>_label.png files."""
     from processing import decode_png
+
     slices = []
     for label_path in sorted(folder.glob("*_label.png")):
         image_path = label_path.with_name(label_path.name.replace("_label.png", ".png"))
         raw = decode_png(image_path.read_bytes())
         target = decode_png(label_path.read_bytes()).astype(np.uint8)
-        slices.append({"raw": raw, "image": normalise(raw), "target": target,
-                       "plane": "-", "variant": "pairs", "volume": image_path.stem})
+        slices.append(
+            {
+                "raw": raw,
+                "image": normalise(raw),
+                "target": target,
+                "plane": "-",
+                "variant": "pairs",
+                "volume": image_path.stem,
+            }
+        )
     if not slices:
         sys.exit(f"error: no <name>_label.png files in {folder}")
     return slices
@@ -154,6 +181,7 @@ def write_overview(path, slices, predictions, per_group=2):
     import png
 
     from processing import PALETTE
+
     groups = defaultdict(list)
     for s, p in zip(slices, predictions):
         groups[(s["variant"], s["plane"])].append((s, p))
@@ -166,8 +194,7 @@ def write_overview(path, slices, predictions, per_group=2):
     rows = []
     for s, p in picked:
         tiles = [np.repeat(s["raw"][..., None], 3, axis=2), palette[s["target"]], palette[p]]
-        tiles = [np.pad(t, ((0, side - t.shape[0]), (0, side - t.shape[1]), (0, 0)))
-                 for t in tiles]
+        tiles = [np.pad(t, ((0, side - t.shape[0]), (0, side - t.shape[1]), (0, 0))) for t in tiles]
         rows.append(np.concatenate(tiles, axis=1))
     grid = np.concatenate(rows, axis=0)
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ Generation classes (the label maps synthetic images are drawn from):
 0 air, 1 CSF, 2 grey matter, 3 white matter, 4 bone, 5 soft tissue, 6 other non-brain.
 The network is trained on targets 0 background, 1 CSF, 2 GM, 3 WM (`TARGET_OF` maps them).
 """
+
 import argparse
 import io
 import subprocess
@@ -46,11 +47,18 @@ def prepare(cache):
         icbm = {k: read_nifti(nilearn.read(NILEARN_T1.format(k))) for k in ("t1", "gm", "wm")}
     with zipfile.ZipFile(wheels["spm"]) as wheel:
         ctf = zipfile.ZipFile(io.BytesIO(wheel.read("spm_runtime/_spm/_spm.ctf")))
-        spm = {name: read_nifti(ctf.read(SPM_ROOT + path)) for name, path in {
-            "avg152": "canonical/avg152T1.nii", "avg305": "canonical/avg305T1.nii",
-            "colin": "canonical/single_subj_T1.nii", "grey": "toolbox/OldSeg/grey.nii",
-            "white": "toolbox/OldSeg/white.nii", "csf": "toolbox/OldSeg/csf.nii",
-            "tpm": "tpm/TPM.nii"}.items()}
+        spm = {
+            name: read_nifti(ctf.read(SPM_ROOT + path))
+            for name, path in {
+                "avg152": "canonical/avg152T1.nii",
+                "avg305": "canonical/avg305T1.nii",
+                "colin": "canonical/single_subj_T1.nii",
+                "grey": "toolbox/OldSeg/grey.nii",
+                "white": "toolbox/OldSeg/white.nii",
+                "csf": "toolbox/OldSeg/csf.nii",
+                "tpm": "tpm/TPM.nii",
+            }.items()
+        }
     save(out / "icbm2009a.npz", "icbm2009a", *icbm_volume(icbm, spm["tpm"]))
     priors = spm_priors(spm["csf"], spm["grey"], spm["white"])
     for name in ("avg152", "avg305"):
@@ -64,8 +72,22 @@ def download(spec, folder):
     name = spec.split("==")[0].replace("-", "_")
     found = sorted(folder.glob(f"{name}-*.whl"))
     if not found:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                        "--only-binary", ":all:", "-d", str(folder), spec], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--only-binary",
+                ":all:",
+                "-d",
+                str(folder),
+                spec,
+            ],
+            check=True,
+        )
         found = sorted(folder.glob(f"{name}-*.whl"))
     return found[-1]
 
@@ -78,6 +100,7 @@ def read_nifti(data):
 
 def _gunzip(data):
     import gzip
+
     return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
 
 
@@ -91,8 +114,9 @@ def icbm_volume(icbm, tpm):
     head = resample(tpm[0], tpm[1], t1.shape, affine)  # (6, X, Y, Z): GM WM CSF bone soft air
     extra = np.stack([head[5], head[3], head[4], head[0] + head[1] + head[2]]) + 1e-3
     extra = outside * extra / extra.sum(0)
-    probs = np.stack([extra[0], csf * brain, grey * brain, white * brain,
-                      extra[1], extra[2], extra[3]])
+    probs = np.stack(
+        [extra[0], csf * brain, grey * brain, white * brain, extra[1], extra[2], extra[3]]
+    )
     return t1, probs, affine
 
 
@@ -110,8 +134,14 @@ def resample(volume, source_affine, shape, target_affine):
     grid = np.indices(shape, dtype=np.float32).reshape(3, -1)
     coords = to_source[:3, :3] @ grid + to_source[:3, 3:4]
     channels = volume[..., None] if volume.ndim == 3 else volume
-    return np.stack([ndimage.map_coordinates(channels[..., c], coords, order=1, mode="nearest").reshape(shape)
-                     for c in range(channels.shape[-1])])
+    return np.stack(
+        [
+            ndimage.map_coordinates(channels[..., c], coords, order=1, mode="nearest").reshape(
+                shape
+            )
+            for c in range(channels.shape[-1])
+        ]
+    )
 
 
 def save(path, family, image, probs, affine):

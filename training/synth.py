@@ -6,6 +6,7 @@ deformation, then either a synthetic image (a random intensity per generation cl
 volume's real image, followed by blur, bias field, gamma, noise, optional skull stripping and
 8- or 16-bit quantisation.
 """
+
 import numpy as np
 from scipy import ndimage
 
@@ -14,8 +15,10 @@ from training.data import brain_slices, planes
 from training.sources import TARGET_OF
 
 # T1-like ordering of the generation classes: air, CSF, GM, WM, bone, soft tissue, other.
-T1_MEAN_RANGES = np.array([(0.0, 0.08), (0.05, 0.35), (0.35, 0.62), (0.65, 1.0),
-                           (0.0, 0.3), (0.2, 1.0), (0.0, 0.45)], dtype=np.float32)
+T1_MEAN_RANGES = np.array(
+    [(0.0, 0.08), (0.05, 0.35), (0.35, 0.62), (0.65, 1.0), (0.0, 0.3), (0.2, 1.0), (0.0, 0.45)],
+    dtype=np.float32,
+)
 
 
 class SliceSampler:
@@ -74,9 +77,14 @@ def deform(channels, spacing, size, rng):
     centre = brain.mean(0) if len(brain) else np.array(channels.shape[1:]) / 2
     centre = centre + rng.normal(0, 8, 2) / scale
     coords = matrix @ grid + centre[:, None]
-    return np.stack([ndimage.map_coordinates(c, coords, order=1, mode="constant",
-                                             cval=1.0 if k == 0 else 0.0).reshape(size, size)
-                     for k, c in enumerate(channels)])
+    return np.stack(
+        [
+            ndimage.map_coordinates(
+                c, coords, order=1, mode="constant", cval=1.0 if k == 0 else 0.0
+            ).reshape(size, size)
+            for k, c in enumerate(channels)
+        ]
+    )
 
 
 def elastic_field(size, rng, control=5):
@@ -108,8 +116,7 @@ def corrupt(image, target, rng, allow_strip=True):
     bias = rng.normal(0, rng.uniform(0, 0.3), (4, 4))
     image = np.clip(image, 0, None) * np.exp(ndimage.zoom(bias, size / 4, order=3)[:size, :size])
     image = np.clip(image, 0, None) ** np.exp(rng.normal(0, 0.25))
-    image = image + rng.normal(0, rng.uniform(0, 0.04) * max(float(image.max()), 1e-6),
-                               image.shape)
+    image = image + rng.normal(0, rng.uniform(0, 0.04) * max(float(image.max()), 1e-6), image.shape)
     image = np.clip(image, 0, None)
     if allow_strip and rng.random() < 0.4:
         mask = ndimage.binary_dilation(target > 0, iterations=int(rng.integers(0, 3)))

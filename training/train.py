@@ -8,6 +8,7 @@ resumes), and exports the best model so far into --model-dir as model-symbol.jso
 model-0000.params, model-shapes.json and model-meta.json: the layout SageMaker tars into
 model.tar.gz and the Greengrass ML resource and `load_model.py` read.
 """
+
 import argparse
 import json
 import os
@@ -29,7 +30,6 @@ from training.evaluate import dice_scores, predict_slices, validation_slices
 from training.synth import SliceSampler
 
 
-
 def main(argv=None):
     """Parse flags (SageMaker passes hyperparameters as flags), then train."""
     args = parse_args(argv)
@@ -40,28 +40,52 @@ def parse_args(argv=None):
     """Flags; defaults read SageMaker's environment when it is there and work without it."""
     env = os.environ
     parser = argparse.ArgumentParser(description="Train the ENet brain tissue segmenter.")
-    parser.add_argument("--source", choices=["auto", "templates", "oasis"], default="auto",
-                        help="auto: OASIS-1 if --data-dir holds it, else prepared templates")
+    parser.add_argument(
+        "--source",
+        choices=["auto", "templates", "oasis"],
+        default="auto",
+        help="auto: OASIS-1 if --data-dir holds it, else prepared templates",
+    )
     parser.add_argument("--data-dir", default=env.get("SM_CHANNEL_TRAIN", ".cache/volumes"))
     parser.add_argument("--model-dir", default=env.get("SM_MODEL_DIR"))
-    parser.add_argument("--run-dir", default=env.get("SM_OUTPUT_DATA_DIR", "runs/enet"),
-                        help="checkpoints and log; rerunning with the same folder resumes")
-    parser.add_argument("--hold-out", default="spm",
-                        help="template family kept out of training and used for validation")
+    parser.add_argument(
+        "--run-dir",
+        default=env.get("SM_OUTPUT_DATA_DIR", "runs/enet"),
+        help="checkpoints and log; rerunning with the same folder resumes",
+    )
+    parser.add_argument(
+        "--hold-out",
+        default="spm",
+        help="template family kept out of training and used for validation",
+    )
     parser.add_argument("--epochs", type=int, default=25)
     parser.add_argument("--iterations", type=int, default=100, help="batches per epoch")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--size", type=int, default=128, help="training slice side, pixels")
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--class-weights", default="0.5,1,1,1",
-                        help="soft-Dice weight per class: background, CSF, GM, WM")
-    parser.add_argument("--ce-weight", type=float, default=1.0,
-                        help="weight of cross-entropy added to the soft-Dice loss; 0 for none")
-    parser.add_argument("--real-fraction", type=float, default=0.25,
-                        help="share of slices that use the volume's real image, not a synthetic one")
+    parser.add_argument(
+        "--class-weights",
+        default="0.5,1,1,1",
+        help="soft-Dice weight per class: background, CSF, GM, WM",
+    )
+    parser.add_argument(
+        "--ce-weight",
+        type=float,
+        default=1.0,
+        help="weight of cross-entropy added to the soft-Dice loss; 0 for none",
+    )
+    parser.add_argument(
+        "--real-fraction",
+        type=float,
+        default=0.25,
+        help="share of slices that use the volume's real image, not a synthetic one",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--hosts", default=env.get("SM_HOSTS", "[]"),
-                        help="JSON list of hosts; more than one trains with kvstore dist_sync")
+    parser.add_argument(
+        "--hosts",
+        default=env.get("SM_HOSTS", "[]"),
+        help="JSON list of hosts; more than one trains with kvstore dist_sync",
+    )
     args = parser.parse_args(argv)
     args.model_dir = args.model_dir or str(Path(args.run_dir) / "model")
     return args
@@ -78,17 +102,25 @@ def train(args):
     rank = kvstore.rank if distributed else 0
     sampler = SliceSampler(train_volumes, args.size, args.real_fraction, args.seed + rank)
     validation = validation_slices(val_volumes)
-    log(f"training on {[v.name for v in train_volumes]}, validating on "
-        f"{[v.name for v in val_volumes]} ({len(validation)} slices)")
+    log(
+        f"training on {[v.name for v in train_volumes]}, validating on "
+        f"{[v.name for v in val_volumes]} ({len(validation)} slices)"
+    )
 
     net = ENet(len(CLASS_NAMES))
     net.initialize(mx.init.Xavier(magnitude=2.0))
     net(mx.nd.zeros((1, 1, args.size, args.size)))
     total = args.epochs * args.iterations
     schedule = mx.lr_scheduler.CosineScheduler(total, args.lr, final_lr=args.lr * 0.02)
-    trainer = gluon.Trainer(net.collect_params(), "adam",
-                            {"learning_rate": args.lr, "lr_scheduler": schedule}, kvstore=kvstore)
+    trainer = gluon.Trainer(
+        net.collect_params(),
+        "adam",
+        {"learning_rate": args.lr, "lr_scheduler": schedule},
+        kvstore=kvstore,
+    )
     state = resume(run_dir, net, trainer)
+    # The saved optimiser carries its old schedule; a resumed run follows this run's --epochs.
+    trainer._optimizer.lr_scheduler = schedule
     weights = mx.nd.array([float(w) for w in args.class_weights.split(",")])
 
     for epoch in range(state["epoch"], args.epochs):
@@ -105,16 +137,21 @@ def train(args):
         seconds = time.time() - started
         scores = dice_scores(validation, predict_slices(net, validation))
         mean_tissue = float(np.mean([scores[c] for c in CLASS_NAMES[1:]]))
-        log(f"epoch {epoch + 1}/{args.epochs} loss {np.mean(losses):.4f} "
+        log(
+            f"epoch {epoch + 1}/{args.epochs} loss {np.mean(losses):.4f} "
             f"{seconds / args.iterations:.2f} s/batch lr {trainer.learning_rate:.2e} "
-            + " ".join(f"dice_{c} {scores[c]:.3f}" for c in CLASS_NAMES))
+            + " ".join(f"dice_{c} {scores[c]:.3f}" for c in CLASS_NAMES)
+        )
         state["epoch"] = epoch + 1
         if rank == 0:
             if mean_tissue > state["best"]:
                 state["best"] = mean_tissue
                 state["best_epoch"] = epoch + 1
                 export(net, model_dir, args, scores, state)
-                log(f"exported epoch {epoch + 1} (mean tissue Dice {mean_tissue:.3f}) to {model_dir}")
+                log(
+                    f"exported epoch {epoch + 1} (mean tissue Dice {mean_tissue:.3f})"
+                    f" to {model_dir}"
+                )
             checkpoint(run_dir, net, trainer, state)
     return state
 
@@ -127,7 +164,9 @@ def load_volumes(args):
     if source == "oasis":
         pairs = data.find_oasis(args.data_dir)
         if not pairs:
-            raise SystemExit(f"error: no OASIS-1 T88_111 images with FSL_SEG labels under {args.data_dir}")
+            raise SystemExit(
+                f"error: no OASIS-1 T88_111 images with FSL_SEG labels under {args.data_dir}"
+            )
         train_pairs, val_pairs = data.split_patients(pairs)
         return data.load_oasis(train_pairs), data.load_oasis(val_pairs)
     volumes = data.load_templates(args.data_dir)
@@ -183,7 +222,9 @@ def export(net, model_dir, args, scores, state):
     inference.hybridize()
     inference(mx.nd.zeros((1, 1, 64, 64)))
     inference.export(str(model_dir / "model"))
-    (model_dir / "model-shapes.json").write_text(json.dumps([{"name": "data", "shape": [1, 1, 256, 256]}]))
+    (model_dir / "model-shapes.json").write_text(
+        json.dumps([{"name": "data", "shape": [1, 1, 256, 256]}])
+    )
     meta = {
         "name": "enet-brain-tissue",
         "architecture": "ENet (Paszke et al. 2016), MXNet Gluon export",
@@ -194,10 +235,19 @@ def export(net, model_dir, args, scores, state):
         "colours": [list(c) for c in PALETTE],
         "normalisation": NORMALISATION,
         "parameters": sum(int(np.prod(p.shape)) for p in net.collect_params().values()),
-        "training": {"source": args.source, "data_dir": str(args.data_dir), "hold_out": args.hold_out,
-                     "epoch": state["best_epoch"], "epochs": args.epochs, "iterations": args.iterations,
-                     "batch_size": args.batch_size, "size": args.size, "lr": args.lr,
-                     "ce_weight": args.ce_weight, "class_weights": args.class_weights},
+        "training": {
+            "source": args.source,
+            "data_dir": str(args.data_dir),
+            "hold_out": args.hold_out,
+            "epoch": state["best_epoch"],
+            "epochs": args.epochs,
+            "iterations": args.iterations,
+            "batch_size": args.batch_size,
+            "size": args.size,
+            "lr": args.lr,
+            "ce_weight": args.ce_weight,
+            "class_weights": args.class_weights,
+        },
         "validation_dice": {k: round(float(v), 4) for k, v in scores.items()},
     }
     (model_dir / "model-meta.json").write_text(json.dumps(meta, indent=2) + "\n")
