@@ -88,3 +88,11 @@ def server_url(model):
 def stop(server):
     """Close a running waitress server from its own loop (closing from here races it)."""
     server.trigger.pull_trigger(server.close)
+
+
+def run_module(module, *args):
+    """`python -m module args...` from the repository root; returns the CompletedProcess."""
+    import subprocess
+
+    command = [sys.executable, "-m", module, *map(str, args)]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -3,6 +3,7 @@
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import run_module
 
 from training import data
 
@@ -74,34 +75,11 @@ def test_brain_slices_skip_empty_ones():
 
 
 def test_the_train_command_trains_on_oasis(oasis, tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
     root, _ = oasis
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "training.train",
-            "--data-dir",
-            str(root),
-            "--epochs",
-            "1",
-            "--iterations",
-            "2",
-            "--batch-size",
-            "2",
-            "--size",
-            "32",
-            "--run-dir",
-            str(tmp_path / "run"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    result = run_module(
+        "training.train", "--data-dir", root, "--epochs", 1, "--iterations", 2,
+        "--batch-size", 2, "--size", 32, "--run-dir", tmp_path / "run",
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert "training on ['OAS1_" in result.stdout and "epoch 1/1" in result.stdout
     assert (tmp_path / "run" / "model" / "model-symbol.json").exists()

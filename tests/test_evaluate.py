@@ -1,11 +1,8 @@
 """The evaluate command: Dice, the multi-Otsu baseline, the table and the overview."""
 
-import subprocess
-import sys
-
 import numpy as np
 import png
-from conftest import DATA, ROOT, read_png
+from conftest import DATA, read_png, run_module
 
 from training.evaluate import dice_scores, multi_otsu, pixel_accuracy
 
@@ -32,20 +29,8 @@ def test_command_on_slice_label_pairs(tmp_path):
     (tmp_path / "a.png").write_bytes((DATA / "icbm2009a_axial100.png").read_bytes())
     label = read_png(DATA / "icbm2009a_axial100_label.png")
     png.from_array(label, "L").save(tmp_path / "a_label.png")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "training.evaluate",
-            "--pairs",
-            str(tmp_path),
-            "--overview",
-            str(tmp_path / "overview.png"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    result = run_module("training.evaluate", "--pairs", tmp_path, "--overview",
+                        tmp_path / "overview.png")  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line.split() for line in result.stdout.splitlines() if line.startswith("pairs")]
     assert [r[3] for r in rows] == ["enet", "multi-otsu"]
@@ -55,10 +40,5 @@ def test_command_on_slice_label_pairs(tmp_path):
 
 
 def test_command_fails_cleanly_without_pairs(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "training.evaluate", "--pairs", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    result = run_module("training.evaluate", "--pairs", tmp_path)
     assert result.returncode != 0 and result.stderr.strip().startswith("error:")

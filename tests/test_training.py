@@ -9,7 +9,7 @@ import sys
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_module
 
 import load_model
 from training import train
@@ -113,24 +113,10 @@ def test_a_short_run_learns_and_writes_the_sagemaker_layout(toy_volumes, tmp_pat
 
 
 def test_a_restarted_run_resumes_from_its_checkpoint(toy_volumes, tmp_path):
-    command = [
-        sys.executable,
-        "-m",
-        "training.train",
-        "--data-dir",
-        str(toy_volumes),
-        "--run-dir",
-        str(tmp_path / "run"),
-        "--iterations",
-        "2",
-        "--batch-size",
-        "2",
-        "--size",
-        "32",
-        "--epochs",
-    ]
-    for epochs in ("1", "2"):
-        result = subprocess.run(command + [epochs], cwd=ROOT, capture_output=True, text=True)
+    common = ["--data-dir", toy_volumes, "--run-dir", tmp_path / "run", "--iterations", 2,
+              "--batch-size", 2, "--size", 32]  # fmt: skip
+    for epochs in (1, 2):
+        result = run_module("training.train", *common, "--epochs", epochs)
         assert result.returncode == 0, result.stderr[-2000:]
     assert "resumed from" in result.stdout and "epoch 2/2" in result.stdout
     assert "epoch 1/2" not in result.stdout
