@@ -132,6 +132,14 @@ def started(command, log_path, **kwargs):
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, **kwargs)
 
 
+def wait_or_fail(url, log_path, what):
+    """Wait for /health; on a timeout fail the test with the process's log."""
+    try:
+        wait_healthy(url, timeout=60)
+    except TimeoutError:
+        pytest.fail(f"{what} did not serve:\n{log_path.read_text()}")
+
+
 def stop(process):
     """Terminate, and kill if that is not enough."""
     process.terminate()
@@ -192,10 +200,7 @@ def test_unzipped_package_serves_as_a_greengrass_lambda(unzipped, native_dir, t1
     process = started(command, log_path, cwd=unzipped, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
-        try:
-            wait_healthy(url, timeout=60)
-        except TimeoutError:
-            pytest.fail(f"the unzipped package did not serve:\n{log_path.read_text()}")
+        wait_or_fail(url, log_path, "the unzipped package")
         status, content_type, body = segment(url, t1_png)
         first_mask = time.perf_counter() - began
         assert (status, content_type) == (200, "image/png")
@@ -262,10 +267,7 @@ def test_recipe_run_step_serves(unzipped, tmp_path):
     process = started(["sh", "-c", run], log_path, cwd=tmp_path, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
-        try:
-            wait_healthy(url, timeout=60)
-        except TimeoutError:
-            pytest.fail(f"the recipe's Run step did not serve:\n{log_path.read_text()}")
+        wait_or_fail(url, log_path, "the recipe's Run step")
         facts = health(url)
         assert facts["status"] == "ok"
         assert Path(facts["model_dir"]).resolve() == model_dir.resolve()
