@@ -1,0 +1,42 @@
+"""How far two reference segmentations of the same MNI space agree: a ceiling for held-out Dice.
+
+    python tools/label_agreement.py   # after python -m training.sources
+
+Resamples the ICBM 2009a tissue labels (what the bundled model is trained on) onto the grid of
+SPM's avg152 priors (what it is validated against) and prints Dice per class between the two.
+"""
+
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from processing import CLASS_NAMES  # noqa: E402
+from training.data import load_templates  # noqa: E402
+from training.sources import NILEARN_T1, TARGET_OF, read_nifti, resample  # noqa: E402
+
+# avg152T1.nii's voxel-to-MNI affine (2 mm, x flipped), as stored in the SPM file
+SPM_AFFINE = np.array([[-2, 0, 0, 90], [0, 2, 0, -126], [0, 0, 2, -72], [0, 0, 0, 1.0]])
+
+
+def main(cache=ROOT / ".cache"):
+    """Print Dice per class between the two label sets."""
+    volumes = {v.name: v for v in load_templates(cache / "volumes")}
+    icbm, spm = volumes["icbm2009a"], volumes["avg152"]
+    wheel = sorted((cache / "wheels").glob("nilearn-*.whl"))[-1]
+    with zipfile.ZipFile(wheel) as archive:
+        _, icbm_affine = read_nifti(archive.read(NILEARN_T1.format("t1")))
+    probs = np.moveaxis(icbm.probs.astype(np.float32), 0, -1)
+    icbm_on_spm = TARGET_OF[np.argmax(resample(probs, icbm_affine, spm.image.shape, SPM_AFFINE), 0)]
+    spm_labels = spm.labels()
+    for c, name in enumerate(CLASS_NAMES):
+        a, b = icbm_on_spm == c, spm_labels == c
+        print(f"{name:13} Dice {2 * (a & b).sum() / (a.sum() + b.sum()):.3f}")
+
+
+if __name__ == "__main__":
+    main()
