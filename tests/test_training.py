@@ -121,6 +121,11 @@ def test_a_restarted_run_resumes_from_its_checkpoint(toy_volumes, tmp_path):
     assert "resumed from" in result.stdout and "epoch 2/2" in result.stdout
     assert "epoch 1/2" not in result.stdout
     assert json.loads((tmp_path / "run" / "state.json").read_text())["epoch"] == 2
+    result = run_module("training.train", *common, "--epochs", 2, "--export", "last",
+                        "--model-dir", tmp_path / "last")  # fmt: skip
+    assert result.returncode == 0 and "epoch 3" not in result.stdout
+    meta = json.loads((tmp_path / "last" / "model-meta.json").read_text())
+    assert meta["training"]["epoch"] == 2 and meta["training"]["selected"] == "last"
 
 
 def test_soft_dice_loss_is_zero_for_a_perfect_prediction():

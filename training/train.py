@@ -82,6 +82,11 @@ def parse_args(argv=None):
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--export", choices=["best", "last"], default="best",
+        help="export the epoch with the best validation Dice (each time it improves), or the "
+        "last epoch when training ends; rerun a finished run with 'last' to export it",
+    )  # fmt: skip
+    parser.add_argument(
         "--hosts",
         default=env.get("SM_HOSTS", "[]"),
         help="JSON list of hosts; more than one trains with kvstore dist_sync",
@@ -145,14 +150,15 @@ def train(args):
         state["epoch"] = epoch + 1
         if rank == 0:
             if mean_tissue > state["best"]:
-                state["best"] = mean_tissue
-                state["best_epoch"] = epoch + 1
-                export(net, model_dir, args, scores, state)
-                log(
-                    f"exported epoch {epoch + 1} (mean tissue Dice {mean_tissue:.3f})"
-                    f" to {model_dir}"
-                )
+                state["best"], state["best_epoch"] = mean_tissue, epoch + 1
+                if args.export == "best":
+                    export(net, model_dir, args, scores, state)
             checkpoint(run_dir, net, trainer, state)
+    if rank == 0 and args.export == "last":
+        # the last epoch, chosen without looking at validation scores
+        export(
+            net, model_dir, args, dice_scores(validation, predict_slices(net, validation)), state
+        )
     return state
 
 
@@ -213,6 +219,8 @@ def checkpoint(run_dir, net, trainer, state):
 
 def export(net, model_dir, args, scores, state):
     """Export the symbol and params and the metadata JSON that `load_model.py` reads."""
+    epoch = state["epoch"] if args.export == "last" else state["best_epoch"]
+    log(f"exporting epoch {epoch} to {model_dir}")
     model_dir.mkdir(parents=True, exist_ok=True)
     params = model_dir / "tmp-export.params"
     net.save_parameters(str(params))
@@ -239,7 +247,8 @@ def export(net, model_dir, args, scores, state):
             "source": args.source,
             "data_dir": str(args.data_dir),
             "hold_out": args.hold_out,
-            "epoch": state["best_epoch"],
+            "epoch": epoch,
+            "selected": args.export,
             "epochs": args.epochs,
             "iterations": args.iterations,
             "batch_size": args.batch_size,
