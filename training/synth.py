@@ -24,10 +24,11 @@ T1_MEAN_RANGES = np.array(
 class SliceSampler:
     """Draws training slices from a list of Volumes; keeps per-plane brain slice indices."""
 
-    def __init__(self, volumes, size=128, real_fraction=0.25, seed=0):
+    def __init__(self, volumes, size=128, real_fraction=0.25, seed=0, pixel_mm=(0.9, 2.4)):
         self.volumes = volumes
         self.size = size
         self.real_fraction = real_fraction
+        self.pixel_mm = pixel_mm
         self.rng = np.random.default_rng(seed)
         self.slices = [[brain_slices(v.labels(), p) for p in range(3)] for v in volumes]
 
@@ -53,7 +54,7 @@ class SliceSampler:
         if use_real:
             image = planes(volume.image, plane)[index][None]
             channels = np.concatenate([probs, image / max(float(image.max()), 1e-6)])
-        warped = deform(channels, in_plane, self.size, rng)
+        warped = deform(channels, in_plane, self.size, rng, self.pixel_mm)
         probs = warped[:7]
         target = TARGET_OF[np.argmax(probs, axis=0)]
         image = warped[7] if use_real else synthesise(probs, rng)
@@ -61,9 +62,9 @@ class SliceSampler:
         return normalise(quantise(image, rng)), target
 
 
-def deform(channels, spacing, size, rng):
+def deform(channels, spacing, size, rng, pixel_mm_range=(0.9, 2.4)):
     """Random affine + elastic warp of (C, A, B) onto a (C, size, size) grid at a random mm/px."""
-    pixel_mm = rng.uniform(0.9, 2.4)
+    pixel_mm = rng.uniform(*pixel_mm_range)
     scale = pixel_mm / spacing * rng.uniform(0.9, 1.1, 2)
     angle = rng.uniform(-np.pi, np.pi) if rng.random() < 0.3 else rng.uniform(-0.35, 0.35)
     shear = rng.uniform(-0.1, 0.1)

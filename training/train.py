@@ -80,6 +80,11 @@ def parse_args(argv=None):
         default=0.25,
         help="share of slices that use the volume's real image, not a synthetic one",
     )
+    parser.add_argument(
+        "--pixel-mm", default="0.9,2.4",
+        help="range of in-plane pixel sizes (mm) that training slices are resampled to",
+    )  # fmt: skip
+    parser.add_argument("--init", help="start from these parameters (fine-tuning)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--export", choices=["best", "last"], default="best",
@@ -105,7 +110,8 @@ def train(args):
     distributed = len(json.loads(args.hosts)) > 1
     kvstore = mx.kv.create("dist_sync") if distributed else "device"
     rank = kvstore.rank if distributed else 0
-    sampler = SliceSampler(train_volumes, args.size, args.real_fraction, args.seed + rank)
+    pixel_mm = tuple(float(v) for v in args.pixel_mm.split(","))
+    sampler = SliceSampler(train_volumes, args.size, args.real_fraction, args.seed + rank, pixel_mm)
     validation = validation_slices(val_volumes)
     log(
         f"training on {[v.name for v in train_volumes]}, validating on "
@@ -115,6 +121,8 @@ def train(args):
     net = ENet(len(CLASS_NAMES))
     net.initialize(mx.init.Xavier(magnitude=2.0))
     net(mx.nd.zeros((1, 1, args.size, args.size)))
+    if args.init:
+        net.load_parameters(args.init)
     total = args.epochs * args.iterations
     schedule = mx.lr_scheduler.CosineScheduler(total, args.lr, final_lr=args.lr * 0.02)
     trainer = gluon.Trainer(
@@ -255,6 +263,9 @@ def export(net, model_dir, args, scores, state):
             "size": args.size,
             "lr": args.lr,
             "ce_weight": args.ce_weight,
+            "pixel_mm": args.pixel_mm,
+            "real_fraction": args.real_fraction,
+            "init": args.init,
             "class_weights": args.class_weights,
         },
         "validation_dice": {k: round(float(v), 4) for k, v in scores.items()},
