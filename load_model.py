@@ -162,10 +162,8 @@ class Model:
 
     def segment(self, slice_):
         """(H, W) slice of any dtype -> (H, W) uint8 class indices."""
-        height, width = slice_.shape
-        image = processing.pad_to_multiple(processing.normalise(slice_), self.meta["size_multiple"])
-        channels = np.repeat(image[None, None], self.meta["input_channels"], axis=1)
-        return processing.to_mask(self.predict(channels)[0], height, width)
+        batch = processing.to_batch(slice_, self.meta["size_multiple"], self.meta["input_channels"])
+        return processing.to_mask(self.predict(batch)[0], *slice_.shape)
 
     def describe(self):
         """Facts for /health and /model."""

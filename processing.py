@@ -130,6 +130,15 @@ def pad_to_multiple(slice_, multiple):
     return np.pad(slice_, ((0, -height % multiple), (0, -width % multiple)))
 
 
+def to_batch(slice_, multiple, channels=1):
+    """(H, W) slice of any dtype -> (1, channels, H', W') float32 network input.
+
+    Normalised, then zero-padded so H' and W' divide by `multiple`; `to_mask` crops back.
+    """
+    image = pad_to_multiple(normalise(slice_), multiple)
+    return np.repeat(image[None, None], channels, axis=1)
+
+
 def to_mask(probabilities, height, width):
     """(C, H', W') class probabilities -> (height, width) uint8 class indices, cropped."""
     return np.argmax(probabilities[:, :height, :width], axis=0).astype(np.uint8)

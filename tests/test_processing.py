@@ -134,3 +134,10 @@ def test_class_fractions_sum_to_one():
     mask = np.array([[0, 1], [2, 2]], np.uint8)
     fractions = processing.class_fractions(mask)
     assert fractions == {"background": 0.25, "csf": 0.25, "grey_matter": 0.5, "white_matter": 0.0}
+
+
+def test_to_batch_normalises_pads_and_repeats_channels(grey):
+    batch = processing.to_batch(grey, 8, channels=3)
+    assert batch.shape == (1, 3, 40, 32) and batch.dtype == np.float32
+    assert np.array_equal(batch[0, 2, :40, :30], processing.normalise(grey))
+    assert not batch[0, :, :, 30:].any()

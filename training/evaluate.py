@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from processing import CLASS_NAMES as CLASSES
-from processing import normalise, pad_to_multiple, to_mask
+from processing import to_batch, to_mask
 from training.data import brain_slices, load_templates, planes
 
 
@@ -54,8 +54,8 @@ def main(argv=None):
 def validation_slices(volumes, every=3):
     """Held-out slices of every plane, skull on (when the image has one) and stripped.
 
-    Each is a dict: raw (H, W) uint8 as a user would upload it, image (H, W) float32
-    normalised, target (H, W) uint8, and plane / variant / volume names for grouping.
+    Each is a dict: raw (H, W) uint8 as a user would upload it, target (H, W) uint8, and
+    plane / variant / volume names for grouping.
     """
     slices = []
     for volume in volumes:
@@ -73,7 +73,6 @@ def validation_slices(volumes, every=3):
                     slices.append(
                         {
                             "raw": raw,
-                            "image": normalise(raw),
                             "target": planes(labels, plane)[index],
                             "plane": plane_name,
                             "variant": variant,
@@ -89,10 +88,8 @@ def predict_slices(net, slices, multiple=8):
 
     masks = []
     for s in slices:
-        height, width = s["image"].shape
-        padded = pad_to_multiple(s["image"], multiple)
-        probabilities = net(mx.nd.array(padded[None, None])).asnumpy()[0]
-        masks.append(to_mask(probabilities, height, width))
+        probabilities = net(mx.nd.array(to_batch(s["raw"], multiple))).asnumpy()[0]
+        masks.append(to_mask(probabilities, *s["raw"].shape))
     return masks
 
 
@@ -164,7 +161,6 @@ def pair_slices(folder):
         slices.append(
             {
                 "raw": raw,
-                "image": normalise(raw),
                 "target": target,
                 "plane": "-",
                 "variant": "pairs",
