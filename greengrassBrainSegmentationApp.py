@@ -132,36 +132,14 @@ def create_app(settings=None, model=None, publisher=None):
     @app.post("/segment")
     def segment():
         model = current_model()
-        data = read_upload()
-        started = time.perf_counter()
-        slice_ = processing.decode_png(data)
-        decoded = time.perf_counter()
-        mask = model.segment(slice_)
-        inferred = time.perf_counter()
-        body = processing.encode_mask(mask, model.meta["colours"])
-        encoded = time.perf_counter()
-        timings = {
-            "decode_ms": ms(decoded - started),
-            "inference_ms": ms(inferred - decoded),
-            "encode_ms": ms(encoded - inferred),
-            "total_ms": ms(encoded - started),
-        }
-        publisher.publish(
-            {
-                "model_id": model.model_id,
-                "width": mask.shape[1],
-                "height": mask.shape[0],
-                **timings,
-                "time": round(time.time(), 3),
-                "fractions": processing.class_fractions(mask, model.meta["classes"]),
-            }
-        )
+        body, summary = segment_png(model, read_upload())
+        publisher.publish(summary)
         response = Response(body, mimetype="image/png")
         response.headers.update(
             {
-                "X-Decode-Ms": str(timings["decode_ms"]),
-                "X-Inference-Ms": str(timings["inference_ms"]),
-                "X-Encode-Ms": str(timings["encode_ms"]),
+                "X-Decode-Ms": str(summary["decode_ms"]),
+                "X-Inference-Ms": str(summary["inference_ms"]),
+                "X-Encode-Ms": str(summary["encode_ms"]),
                 "X-Model-Id": model.model_id,
                 "X-Classes": ",".join(model.meta["classes"]),
             }
@@ -222,6 +200,32 @@ def create_app(settings=None, model=None, publisher=None):
         return jsonify({"error": "internal error; the server logged it and keeps serving"}), 500
 
     return app
+
+
+def segment_png(model, data):
+    """PNG bytes -> (mask PNG bytes, summary): decode, segment, encode, each stage timed.
+
+    The summary (model id, size, timings, class fractions, never pixels) is what the MQTT
+    publisher sends and what the response headers report.
+    """
+    started = time.perf_counter()
+    slice_ = processing.decode_png(data)
+    decoded = time.perf_counter()
+    mask = model.segment(slice_)
+    inferred = time.perf_counter()
+    body = processing.encode_mask(mask, model.meta["colours"])
+    encoded = time.perf_counter()
+    return body, {
+        "model_id": model.model_id,
+        "width": mask.shape[1],
+        "height": mask.shape[0],
+        "decode_ms": ms(decoded - started),
+        "inference_ms": ms(inferred - decoded),
+        "encode_ms": ms(encoded - inferred),
+        "total_ms": ms(encoded - started),
+        "time": round(time.time(), 3),
+        "fractions": processing.class_fractions(mask, model.meta["classes"]),
+    }
 
 
 def read_upload():
@@ -328,14 +332,13 @@ def lambda_handler(event, context):
         return status
     model = _background["app"].extensions["segmentation"]["model"]
     try:
-        mask = model.segment(processing.decode_png(base64.b64decode(event["image_png_base64"])))
+        body, summary = segment_png(model, base64.b64decode(event["image_png_base64"]))
     except (processing.ImageError, ValueError) as error:
         return {**status, "error": str(error)}
-    encoded = processing.encode_mask(mask, model.meta["colours"])
     return {
         **status,
-        "mask_png_base64": base64.b64encode(encoded).decode(),
-        "fractions": processing.class_fractions(mask, model.meta["classes"]),
+        "mask_png_base64": base64.b64encode(body).decode(),
+        "fractions": summary["fractions"],
     }
 
 
