@@ -9,6 +9,7 @@ The network is trained on targets 0 background, 1 CSF, 2 GM, 3 WM (`TARGET_OF` m
 """
 
 import argparse
+import gzip
 import io
 import subprocess
 import sys
@@ -94,14 +95,10 @@ def download(spec, folder):
 
 def read_nifti(data):
     """NIfTI bytes (optionally gzipped) -> (float32 array, 4x4 affine)."""
-    image = nib.Nifti1Image.from_bytes(_gunzip(data))
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    image = nib.Nifti1Image.from_bytes(data)
     return np.asarray(image.dataobj, dtype=np.float32), image.affine
-
-
-def _gunzip(data):
-    import gzip
-
-    return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
 
 
 def icbm_volume(icbm, tpm):
