@@ -31,6 +31,7 @@ DEFAULT_META = {
     "input_name": "data",
     "input_channels": 1,
     "size_multiple": 8,
+    "frame_side": processing.FRAME_SIDE,
     "classes": processing.CLASS_NAMES,
     "colours": [list(c) for c in processing.PALETTE],
     "normalisation": processing.NORMALISATION,
@@ -130,7 +131,8 @@ class Model:
         self.params_path = params_path
         self.executors = OrderedDict()
         self.lock = threading.Lock()
-        self.predict(np.zeros((1, self.meta["input_channels"], 64, 64), np.float32))
+        side = self.meta["frame_side"]
+        self.predict(np.zeros((1, self.meta["input_channels"], side, side), np.float32))
 
     def predict(self, batch):
         """(N, C, H, W) float32, H and W multiples of size_multiple -> (N, K, H, W) float32."""
@@ -162,8 +164,9 @@ class Model:
 
     def segment(self, slice_):
         """(H, W) slice of any dtype -> (H, W) uint8 class indices."""
-        batch = processing.to_batch(slice_, self.meta["size_multiple"], self.meta["input_channels"])
-        return processing.to_mask(self.predict(batch)[0], *slice_.shape)
+        frame, geometry = processing.frame_slice(slice_, self.meta["frame_side"])
+        batch = np.repeat(frame[None, None], self.meta["input_channels"], axis=1)
+        return processing.mask_from_scores(self.predict(batch)[0], geometry)
 
     def describe(self):
         """Facts for /health and /model."""

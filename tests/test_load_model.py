@@ -35,15 +35,14 @@ def test_any_slice_size_gives_a_mask_of_that_size(model, shape):
     assert mask.shape == shape and mask.dtype == np.uint8 and mask.max() <= 3
 
 
-def test_executors_are_bound_once_per_shape(model):
-    slice_ = np.zeros((120, 136), np.uint8)
-    model.segment(slice_)
-    executor = model.executors[(1, 1, 120, 136)]
-    model.segment(slice_)
-    assert model.executors[(1, 1, 120, 136)] is executor
-    for side in range(20):
-        model.segment(np.zeros((16, 16 + 8 * side), np.uint8))
-    assert len(model.executors) <= load_model.CACHED_SHAPES
+def test_every_slice_size_runs_on_one_frame_shape(model):
+    side = model.meta["frame_side"]
+    model.segment(np.zeros((120, 136), np.uint8))
+    executor, shapes = model.executors[(1, 1, side, side)], set(model.executors)
+    for width in range(16, 4096, 300):
+        model.segment(np.zeros((16, width), np.uint8))
+    assert set(model.executors) == shapes
+    assert model.executors[(1, 1, side, side)] is executor
 
 
 def test_highest_epoch_and_gluon_style_keys_load(tmp_path, model, t1_png):

@@ -7,7 +7,7 @@ import zlib
 import numpy as np
 import png
 import pytest
-from conftest import read_png
+from conftest import DATA, read_png
 
 import processing
 
@@ -121,23 +121,92 @@ def test_mask_round_trips_as_a_palette_png():
     assert np.array_equal(read_png(data), mask)
 
 
-def test_pad_and_crop_restore_the_size():
-    padded = processing.pad_to_multiple(np.ones((91, 109), np.float32), 8)
-    assert padded.shape == (96, 112) and padded[91:].sum() == 0
-    probabilities = np.zeros((4,) + padded.shape)
-    probabilities[2] = 1
-    mask = processing.to_mask(probabilities, 91, 109)
-    assert mask.shape == (91, 109) and (mask == 2).all()
+@pytest.fixture
+def head():
+    """A real 233x197 brain slice (uint8)."""
+    return read_png(DATA / "icbm2009a_axial100.png")
+
+
+def test_frame_ignores_a_black_canvas(head):
+    frame, geometry = processing.frame_slice(head, 256)
+    canvas = np.zeros((512, 600), np.uint8)
+    canvas[100 : 100 + head.shape[0], 250 : 250 + head.shape[1]] = head
+    framed, placed = processing.frame_slice(canvas, 256)
+    assert frame.shape == (256, 256) and frame.dtype == np.float32
+    assert np.array_equal(frame, framed)
+    assert (placed.centre_y - geometry.centre_y, placed.centre_x - geometry.centre_x) == (100, 250)
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+def test_frame_of_a_nearest_upscaled_slice_is_nearly_the_same(head, factor):
+    frame = processing.frame_slice(head, 256)[0]
+    upscaled = np.repeat(np.repeat(head, factor, 0), factor, 1)
+    assert np.abs(processing.frame_slice(upscaled, 256)[0] - frame).mean() < 0.005
+
+
+def test_frame_fits_the_head_box_with_a_margin(head):
+    frame, geometry = processing.frame_slice(head, 128)
+    top, bottom, left, right = processing.head_box(processing.normalise(head))
+    assert geometry.extent == pytest.approx(
+        max(bottom - top, right - left) * (1 + 2 * processing.HEAD_MARGIN)
+    )
+    # the margin is background on every side of the frame
+    assert frame[:4].max() < 0.05 and frame[-4:].max() < 0.05
+    assert frame[:, :4].max() < 0.05 and frame[:, -4:].max() < 0.05
+    assert frame[40:88, 40:88].mean() > 0.3
+
+
+def test_a_blank_slice_frames_the_whole_image():
+    assert processing.head_box(np.zeros((20, 30), np.float32)) == (0, 20, 0, 30)
+
+
+def test_scores_map_back_to_the_upload_size():
+    geometry = processing.Geometry(300, 280, 150.0, 140.0, 250.0, 64)
+    scores = np.zeros((4, 64, 64), np.float32)
+    scores[2] = 1
+    mask = processing.mask_from_scores(scores, geometry)
+    assert mask.shape == (300, 280)
+    assert (mask[25:275, 15:265] == 2).all()
+    assert not mask[:24].any() and not mask[:, :14].any() and not mask[:, 266:].any()
+
+
+def test_scores_are_interpolated_bilinearly():
+    rng = np.random.default_rng(2)
+    scores = rng.normal(size=(4, 32, 32)).astype(np.float32)
+    geometry = processing.Geometry(90, 70, 45.0, 35.0, 64.0, 32)
+    mask = processing.mask_from_scores(scores, geometry, rows_per_strip=7)
+    y, x = processing.frame_coordinates(geometry, 0), processing.frame_coordinates(geometry, 1)
+    inside_y, inside_x = (y > -0.5) & (y < 31.5), (x > -0.5) & (x < 31.5)
+    y, x = np.clip(y, 0, 31), np.clip(x, 0, 31)
+    y0, x0 = np.minimum(np.floor(y), 30).astype(int), np.minimum(np.floor(x), 30).astype(int)
+    fy, fx = (y - y0)[:, None], (x - x0)[None, :]
+    dense = sum(
+        scores[:, y0 + dy][:, :, x0 + dx] * (fy if dy else 1 - fy) * (fx if dx else 1 - fx)
+        for dy in (0, 1)
+        for dx in (0, 1)
+    )
+    expected = np.argmax(dense, axis=0)
+    assert np.array_equal(mask[inside_y][:, inside_x], expected[inside_y][:, inside_x])
+
+
+def test_a_large_upload_is_framed_at_the_fixed_side():
+    big = np.zeros((4096, 3000), np.uint16)
+    big[500:3500, 400:2600] = 30000
+    frame, geometry = processing.frame_slice(big, 256)
+    assert frame.shape == (256, 256)
+    mask = processing.mask_from_scores(np.ones((4, 256, 256), np.float32), geometry)
+    assert mask.shape == (4096, 3000)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.float32])
+def test_normalise_matches_numpy_percentile(dtype):
+    values = np.random.default_rng(3).integers(0, 200, (50, 40)).astype(dtype)
+    shifted = values.astype(np.float32) - values.min()
+    expected = np.clip(shifted / np.percentile(shifted[shifted > 0], 99), 0, 2)
+    assert np.allclose(processing.normalise(values), expected, atol=1e-6)
 
 
 def test_class_fractions_sum_to_one():
     mask = np.array([[0, 1], [2, 2]], np.uint8)
     fractions = processing.class_fractions(mask)
     assert fractions == {"background": 0.25, "csf": 0.25, "grey_matter": 0.5, "white_matter": 0.0}
-
-
-def test_to_batch_normalises_pads_and_repeats_channels(grey):
-    batch = processing.to_batch(grey, 8, channels=3)
-    assert batch.shape == (1, 3, 40, 32) and batch.dtype == np.float32
-    assert np.array_equal(batch[0, 2, :40, :30], processing.normalise(grey))
-    assert not batch[0, :, :, 30:].any()

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from processing import CLASS_NAMES as CLASSES
-from processing import to_batch, to_mask
+from processing import FRAME_SIDE, frame_slice, mask_from_scores
 from training.data import brain_slices, load_templates, planes
 
 
@@ -82,14 +82,15 @@ def validation_slices(volumes, every=3):
     return slices
 
 
-def predict_slices(net, slices, multiple=8):
+def predict_slices(net, slices, side=FRAME_SIDE):
     """Masks from a Gluon network for each slice dict (training-time validation)."""
     import mxnet as mx
 
     masks = []
     for s in slices:
-        probabilities = net(mx.nd.array(to_batch(s["raw"], multiple))).asnumpy()[0]
-        masks.append(to_mask(probabilities, *s["raw"].shape))
+        frame, geometry = frame_slice(s["raw"], side)
+        scores = net(mx.nd.array(frame[None, None])).asnumpy()[0]
+        masks.append(mask_from_scores(scores, geometry))
     return masks
 
 

@@ -23,7 +23,7 @@ import mxnet as mx
 import numpy as np
 from mxnet import autograd, gluon
 
-from processing import CLASS_NAMES, NORMALISATION, PALETTE
+from processing import CLASS_NAMES, FRAME_SIDE, NORMALISATION, PALETTE
 from training import data
 from training.enet import ENet
 from training.evaluate import dice_scores, predict_slices, validation_slices
@@ -248,6 +248,7 @@ def export(net, model_dir, args, scores, state):
         "input_name": "data",
         "input_channels": 1,
         "size_multiple": 8,
+        "frame_side": FRAME_SIDE,
         "classes": CLASS_NAMES,
         "colours": [list(c) for c in PALETTE],
         "normalisation": NORMALISATION,
