@@ -21,7 +21,7 @@ MIN_SIDE = 16
 # The network sees every slice as a square frame of this side (the model's meta can say
 # otherwise): the head's bounding box, widened by the margin on each side.
 FRAME_SIDE = 256
-HEAD_MARGIN = 0.1
+HEAD_MARGIN = 0.05
 HEAD_THRESHOLD = 0.1
 MAX_SIDE = 4096
 ACCEPTED = "PNG: 1- to 16-bit greyscale, greyscale+alpha, RGB, RGBA or palette"

@@ -40,7 +40,7 @@ def prepare(cache):
     """Download, extract and convert; returns the list of volume files. Idempotent."""
     out = cache / "volumes"
     out.mkdir(parents=True, exist_ok=True)
-    wanted = ["icbm2009a", "avg152", "avg305"]
+    wanted = ["icbm2009a", "avg152", "avg305", "colin"]
     if all((out / f"{name}.npz").exists() for name in wanted):
         return sorted(out.glob("*.npz"))
     wheels = {key: download(spec, cache / "wheels") for key, spec in WHEELS.items()}
@@ -61,10 +61,12 @@ def prepare(cache):
             }.items()
         }
     save(out / "icbm2009a.npz", "icbm2009a", *icbm_volume(icbm, spm["tpm"]))
-    priors = spm_priors(spm["csf"], spm["grey"], spm["white"])
+    head = resample(spm["tpm"][0], spm["tpm"][1], spm["avg152"][0].shape, spm["avg152"][1])
+    priors = with_head(spm["csf"][0], spm["grey"][0], spm["white"][0], head)
     for name in ("avg152", "avg305"):
         save(out / f"{name}.npz", "spm", spm[name][0], priors, spm[name][1])
-    save(out / "colin.npz", "spm-unlabelled", spm["colin"][0], None, spm["colin"][1])
+    colin = classify(spm["colin"][0], head)
+    save(out / "colin.npz", "colin", spm["colin"][0], colin, spm["colin"][1])
     return sorted(out.glob("*.npz"))
 
 
@@ -107,22 +109,45 @@ def icbm_volume(icbm, tpm):
     grey, white = icbm["gm"][0] / 255, icbm["wm"][0] / 255
     brain = ndimage.binary_fill_holes(t1 > 0).astype(np.float32)
     csf = np.clip(brain - grey - white, 0, 1)
-    outside = 1 - brain
-    head = resample(tpm[0], tpm[1], t1.shape, affine)  # (6, X, Y, Z): GM WM CSF bone soft air
+    head = resample(tpm[0], tpm[1], t1.shape, affine)
+    return t1, with_head(csf * brain, grey * brain, white * brain, head), affine
+
+
+def with_head(csf, grey, white, head):
+    """(7, ...) generation classes: the brain's three, and the rest of the head from the TPM.
+
+    `head` is SPM's TPM on the same grid, (6, ...): GM, WM, CSF, bone, soft tissue, air.
+    Outside the brain, probability goes to air, bone, soft tissue and, where the TPM itself
+    sees brain the labels do not, 'other'.
+    """
+    brain = np.clip(csf + grey + white, 0, 1)
     extra = np.stack([head[5], head[3], head[4], head[0] + head[1] + head[2]]) + 1e-3
-    extra = outside * extra / extra.sum(0)
-    probs = np.stack(
-        [extra[0], csf * brain, grey * brain, white * brain, extra[1], extra[2], extra[3]]
-    )
-    return t1, probs, affine
+    extra = (1 - brain) * extra / extra.sum(0)
+    return np.stack([extra[0], csf, grey, white, extra[1], extra[2], extra[3]])
 
 
-def spm_priors(csf, grey, white):
-    """SPM's OldSeg tissue priors as (7, X, Y, Z) probabilities; no skull classes."""
-    tissue = np.stack([csf[0], grey[0], white[0]])
-    air = np.clip(1 - tissue.sum(0), 0, 1)
-    zeros = np.zeros_like(air)
-    return np.stack([air, *tissue, zeros, zeros, zeros])
+def classify(image, head, iterations=25):
+    """Tissue probabilities of a real skull-on T1 head by EM with TPM priors (SPM-style).
+
+    One Gaussian per TPM class (GM, WM, CSF, bone, soft tissue, air); a voxel's posterior is
+    its prior times the class likelihood. The image must already lie in the TPM's space, as
+    SPM's `single_subj_T1` does. Returns the (7, ...) generation classes.
+    """
+    # tempered: the TPM is a population average, and one head's own contrast should win
+    priors = np.clip(head, 1e-3, None) ** 0.5
+    priors[:3] *= head[:3].sum(0) > 0.05  # no brain tissue where the TPM has none (eyes)
+    priors /= priors.sum(0)
+    values = (image / np.percentile(image, 99))[None]
+    posterior = priors
+    for _ in range(iterations):
+        weight = posterior.reshape(6, -1).sum(1) + 1e-6
+        mean = (posterior * values).reshape(6, -1).sum(1) / weight
+        deviation = values - mean[:, None, None, None]
+        variance = (posterior * deviation**2).reshape(6, -1).sum(1) / weight + 1e-4
+        variance = variance[:, None, None, None]
+        posterior = priors * np.exp(-0.5 * deviation**2 / variance) / np.sqrt(variance)
+        posterior /= posterior.sum(0) + 1e-12
+    return with_head(posterior[2], posterior[0], posterior[1], posterior)
 
 
 def resample(volume, source_affine, shape, target_affine):

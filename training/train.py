@@ -12,6 +12,8 @@ model.tar.gz and the Greengrass ML resource and `load_model.py` read.
 import argparse
 import json
 import os
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -61,7 +63,10 @@ def parse_args(argv=None):
     parser.add_argument("--epochs", type=int, default=25)
     parser.add_argument("--iterations", type=int, default=100, help="batches per epoch")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--size", type=int, default=128, help="training slice side, pixels")
+    parser.add_argument(
+        "--size", type=int, default=160,
+        help="side of the training crops, pixels, taken from the server's 256-pixel frame",
+    )  # fmt: skip
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument(
         "--class-weights",
@@ -78,11 +83,11 @@ def parse_args(argv=None):
     parser.add_argument(
         "--real-fraction",
         type=float,
-        default=0.25,
+        default=0.3,
         help="share of slices that use the volume's real image, not a synthetic one",
     )
     parser.add_argument(
-        "--pixel-mm", default="0.9,2.4",
+        "--pixel-mm", default="0.5,3",
         help="range of in-plane pixel sizes (mm) that training slices are resampled to",
     )  # fmt: skip
     parser.add_argument("--init", help="start from these parameters (fine-tuning)")
@@ -123,7 +128,7 @@ def train(args):
     net.initialize(mx.init.Xavier(magnitude=2.0))
     net(mx.nd.zeros((1, 1, args.size, args.size)))
     if args.init:
-        net.load_parameters(args.init)
+        load_init(net, args.init)
     total = args.epochs * args.iterations
     schedule = mx.lr_scheduler.CosineScheduler(total, args.lr, final_lr=args.lr * 0.02)
     trainer = gluon.Trainer(
@@ -157,6 +162,10 @@ def train(args):
             + " ".join(f"dice_{c} {scores[c]:.3f}" for c in CLASS_NAMES)
         )
         state["epoch"] = epoch + 1
+        state.setdefault("history", []).append(
+            {"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": seconds}
+            | {f"dice_{c}": round(float(scores[c]), 4) for c in CLASS_NAMES}
+        )
         if rank == 0:
             if mean_tissue > state["best"]:
                 state["best"], state["best_epoch"] = mean_tissue, epoch + 1
@@ -203,6 +212,33 @@ def segmentation_loss(probabilities, targets, weights, ce_weight):
         picked = (probabilities * one_hot).sum(axis=1)
         loss = loss - ce_weight * mx.nd.log(picked + 1e-6).mean()
     return loss
+
+
+def load_init(net, path):
+    """Start from a Gluon parameter file or an exported model's params (`arg:`/`aux:` keys).
+
+    An export numbers its layers after the network that wrote it (conv89_weight where this
+    net has conv0_weight); layers of each kind keep their order, so the numbers are shifted.
+    """
+    saved = mx.nd.load(str(path))
+    if not any(":" in key for key in saved):
+        net.load_parameters(str(path))
+        return
+    saved = {key.split(":", 1)[1]: value for key, value in saved.items()}
+    params = net.collect_params()
+
+    def first_index(names, kind):
+        return min(
+            int(m.group(2)) for n in names if (m := LAYER.fullmatch(n)) and m.group(1) == kind
+        )
+
+    for name, param in params.items():
+        kind, number, rest = LAYER.fullmatch(name).groups()
+        shift = first_index(saved, kind) - first_index(params.keys(), kind)
+        param.set_data(saved[f"{kind}{int(number) + shift}_{rest}"])
+
+
+LAYER = re.compile(r"([a-z]+)(\d+)_(.+)")
 
 
 def resume(run_dir, net, trainer):
@@ -254,6 +290,9 @@ def export(net, model_dir, args, scores, state):
         "normalisation": NORMALISATION,
         "parameters": sum(int(np.prod(p.shape)) for p in net.collect_params().values()),
         "training": {
+            "command": "python -m training.train " + " ".join(sys.argv[1:]),
+            "revision": revision(),
+            "volumes": sorted(v.name for v in train_volumes_of(args)),
             "source": args.source,
             "data_dir": str(args.data_dir),
             "hold_out": args.hold_out,
@@ -273,6 +312,27 @@ def export(net, model_dir, args, scores, state):
         "validation_dice": {k: round(float(v), 4) for k, v in scores.items()},
     }
     (model_dir / "model-meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def revision():
+    """The code's git commit (with '+dirty' for uncommitted changes), or None outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here, capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def train_volumes_of(args):
+    """The volumes a run trains on (names only are recorded)."""
+    return load_volumes(args)[0]
 
 
 def log(message):
