@@ -47,7 +47,7 @@ def test_enet_has_about_360k_parameters_and_keeps_the_size():
 def test_sampler_gives_normalised_slices_and_valid_targets(toy_volumes):
     from training.data import load_templates
 
-    sampler = SliceSampler(load_templates(toy_volumes), size=32, seed=3)
+    sampler = SliceSampler(load_templates(toy_volumes), size=32, seed=3, frame_side=48)
     images, targets = sampler.batch(6)
     assert images.shape == (6, 1, 32, 32) and targets.shape == (6, 32, 32)
     assert images.dtype == np.float32 and 0 <= images.min() and images.max() <= 2
@@ -88,6 +88,8 @@ def test_a_short_run_learns_and_writes_the_sagemaker_layout(toy_volumes, tmp_pat
         "8",
         "--size",
         "32",
+        "--frame-side",
+        "48",
         "--lr",
         "0.01",
         "--seed",

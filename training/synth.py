@@ -28,8 +28,17 @@ BRAIN_MEANS = {AIR: (0.0, 0.08), CSF: (0.03, 0.35), GREY: (0.3, 0.65), WHITE: (0
 class SliceSampler:
     """Draws training slices from a list of Volumes; keeps per-plane brain slice indices."""
 
-    def __init__(self, volumes, size=160, real_fraction=0.3, seed=0, pixel_mm=(0.5, 3.0)):
+    def __init__(
+        self,
+        volumes,
+        size=160,
+        real_fraction=0.3,
+        seed=0,
+        pixel_mm=(0.5, 3.0),
+        frame_side=FRAME_SIDE,
+    ):
         self.volumes = volumes
+        self.frame_side = frame_side
         self.size = size
         self.real_fraction = real_fraction
         self.pixel_mm = pixel_mm
@@ -74,10 +83,10 @@ class SliceSampler:
         if strip:
             head = ndimage.binary_dilation(labels > 0, iterations=int(rng.integers(0, 3)))
             image = image * head
-        image, labels = acquire(image, labels, head, in_plane, rng, self.pixel_mm)
+        image, labels = acquire(image, labels, head, in_plane, rng, self.pixel_mm, self.frame_side)
         image = quantise(degrade(image, rng), rng)
         image, labels = export(image, labels, rng)
-        frame, geometry = frame_slice(image, FRAME_SIDE)
+        frame, geometry = frame_slice(image, self.frame_side)
         target = frame_labels(labels, geometry)
         return crop(frame, target, self.size, rng)
 
@@ -158,7 +167,7 @@ def synthesise(probs, rng):
     return np.tensordot(means, probs, 1) + np.tensordot(spread, probs, 1) * noise
 
 
-def acquire(image, labels, head, spacing, rng, pixel_mm_range):
+def acquire(image, labels, head, spacing, rng, pixel_mm_range, frame_side):
     """Warp a native-resolution slice onto a random acquisition grid.
 
     Pixels of 0.5-3 mm (the grid is capped near the frame's side: finer pixels would be
@@ -171,7 +180,7 @@ def acquire(image, labels, head, spacing, rng, pixel_mm_range):
     fov = (high - low) * rng.uniform(1.0, 1.4, 2)
     if rng.random() < 0.15:
         fov *= rng.uniform(0.6, 0.95, 2)  # a partial field of view
-    pixel_mm = max(pixel_mm, fov.max() / (1.25 * FRAME_SIDE))
+    pixel_mm = max(pixel_mm, fov.max() / (1.25 * frame_side))
     shape = np.maximum(np.round(fov / pixel_mm).astype(int), 16)
     angle = rng.uniform(-np.pi, np.pi) if rng.random() < 0.2 else rng.uniform(-0.3, 0.3)
     rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])

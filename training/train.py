@@ -64,6 +64,10 @@ def parse_args(argv=None):
     parser.add_argument("--iterations", type=int, default=100, help="batches per epoch")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument(
+        "--frame-side", type=int, default=FRAME_SIDE,
+        help="side of the square frame the server resamples every slice to, pixels",
+    )  # fmt: skip
+    parser.add_argument(
         "--size", type=int, default=160,
         help="side of the training crops, pixels, taken from the server's 256-pixel frame",
     )  # fmt: skip
@@ -117,7 +121,9 @@ def train(args):
     kvstore = mx.kv.create("dist_sync") if distributed else "device"
     rank = kvstore.rank if distributed else 0
     pixel_mm = tuple(float(v) for v in args.pixel_mm.split(","))
-    sampler = SliceSampler(train_volumes, args.size, args.real_fraction, args.seed + rank, pixel_mm)
+    sampler = SliceSampler(
+        train_volumes, args.size, args.real_fraction, args.seed + rank, pixel_mm, args.frame_side
+    )
     validation = validation_slices(val_volumes)
     log(
         f"training on {[v.name for v in train_volumes]}, validating on "
@@ -154,7 +160,7 @@ def train(args):
             trainer.step(1)
             losses.append(float(loss.asscalar()))
         seconds = time.time() - started
-        scores = dice_scores(validation, predict_slices(net, validation))
+        scores = dice_scores(validation, predict_slices(net, validation, args.frame_side))
         mean_tissue = float(np.mean([scores[c] for c in CLASS_NAMES[1:]]))
         log(
             f"epoch {epoch + 1}/{args.epochs} loss {np.mean(losses):.4f} "
@@ -175,7 +181,11 @@ def train(args):
     if rank == 0 and args.export == "last":
         # the last epoch, chosen without looking at validation scores
         export(
-            net, model_dir, args, dice_scores(validation, predict_slices(net, validation)), state
+            net,
+            model_dir,
+            args,
+            dice_scores(validation, predict_slices(net, validation, args.frame_side)),
+            state,
         )
     return state
 
@@ -284,7 +294,7 @@ def export(net, model_dir, args, scores, state):
         "input_name": "data",
         "input_channels": 1,
         "size_multiple": 8,
-        "frame_side": FRAME_SIDE,
+        "frame_side": args.frame_side,
         "classes": CLASS_NAMES,
         "colours": [list(c) for c in PALETTE],
         "normalisation": NORMALISATION,
