@@ -152,10 +152,11 @@ def upper_percentile(values, low, q):
 
 @dataclass(frozen=True)
 class Geometry:
-    """Where the network's square frame lies in an (height, width) upload.
+    """Where the network's square frame lies in an upload.
 
-    The frame's `side` pixels span `extent` upload pixels centred on (`centre_y`, `centre_x`),
-    in upload pixel coordinates; parts of the frame outside the upload are background.
+    The frame's `side` pixels span `extent` pixels centred on (`centre_y`, `centre_x`) of the
+    (height, width) slice; parts of the frame outside it are background. An upload that is
+    that slice upscaled by `factor` with nearest neighbours is (height, width) x factor.
     """
 
     height: int
@@ -164,6 +165,7 @@ class Geometry:
     centre_x: float
     extent: float
     side: int
+    factor: int = 1
 
     def source_coordinates(self, axis):
         """(side,) upload coordinates of the frame's pixel centres along axis 0 (y) or 1 (x)."""
@@ -195,16 +197,35 @@ def frame_slice(slice_, side):
     to `side` pixels: a black canvas around the head, nearest-neighbour upscaling or a huge
     matrix change neither what the network sees nor how much work it does.
     """
+    slice_, factor = undo_upscaling(slice_)
     image = normalise(slice_)
     top, bottom, left, right = head_box(image)
     extent = max(bottom - top, right - left) * (1 + 2 * HEAD_MARGIN)
-    geometry = Geometry(
-        image.shape[0], image.shape[1], (top + bottom) / 2, (left + right) / 2, extent, side
-    )
+    height, width = image.shape
+    geometry = Geometry(height, width, (top + bottom) / 2, (left + right) / 2, extent, side, factor)
     rows = resampling_weights(geometry.source_coordinates(0), extent / side, image.shape[0])
     columns = resampling_weights(geometry.source_coordinates(1), extent / side, image.shape[1])
     frame = rows @ image @ columns.T
     return frame.astype(np.float32), geometry
+
+
+def undo_upscaling(slice_):
+    """(slice, factor): an (H, W) slice exported with nearest-neighbour upscaling, undone.
+
+    Viewers and PACS exports often enlarge slices by repeating pixels; the information is
+    on the coarse grid, so the mask is computed there and repeated the same way.
+    """
+    factor = 1
+    for k in (2, 3, 5, 7):
+        while slice_.shape[0] % k == 0 and slice_.shape[1] % k == 0 and min(slice_.shape) > k:
+            rows, columns = slice_[::k], slice_[:, ::k]
+            same = all(np.array_equal(slice_[j::k], rows) for j in range(1, k)) and all(
+                np.array_equal(slice_[:, j::k], columns) for j in range(1, k)
+            )
+            if not same:
+                break
+            slice_, factor = slice_[::k, ::k], factor * k
+    return slice_, factor
 
 
 def resampling_weights(coordinates, step, length):
@@ -228,7 +249,7 @@ def resampling_weights(coordinates, step, length):
 
 
 def mask_from_scores(scores, geometry, rows_per_strip=512):
-    """(K, side, side) class scores of a frame -> (height, width) uint8 class indices.
+    """(K, side, side) class scores of a frame -> (H, W) uint8 class indices of the upload.
 
     Each upload pixel takes the class of the bilinearly interpolated scores; pixels outside
     the frame are background. Where the four frame pixels around an upload pixel share one
@@ -256,6 +277,8 @@ def mask_from_scores(scores, geometry, rows_per_strip=512):
     inside_x = (x > -0.5) & (x < geometry.side - 0.5)
     mask[~inside_y] = 0
     mask[:, ~inside_x] = 0
+    if geometry.factor > 1:
+        mask = np.repeat(np.repeat(mask, geometry.factor, 0), geometry.factor, 1)
     return mask
 
 

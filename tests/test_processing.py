@@ -137,11 +137,34 @@ def test_frame_ignores_a_black_canvas(head):
     assert (placed.centre_y - geometry.centre_y, placed.centre_x - geometry.centre_x) == (100, 250)
 
 
-@pytest.mark.parametrize("factor", [2, 3])
-def test_frame_of_a_nearest_upscaled_slice_is_nearly_the_same(head, factor):
-    frame = processing.frame_slice(head, 256)[0]
+@pytest.mark.parametrize("factor", [2, 3, 4, 6])
+def test_nearest_upscaling_is_undone(head, factor):
     upscaled = np.repeat(np.repeat(head, factor, 0), factor, 1)
-    assert np.abs(processing.frame_slice(upscaled, 256)[0] - frame).mean() < 0.005
+    reduced, found = processing.undo_upscaling(upscaled)
+    assert found == factor and np.array_equal(reduced, head)
+    frame, geometry = processing.frame_slice(upscaled, 256)
+    assert np.array_equal(frame, processing.frame_slice(head, 256)[0])
+    scores = np.random.default_rng(0).normal(size=(4, 256, 256)).astype(np.float32)
+    mask = processing.mask_from_scores(scores, geometry)
+    plain = processing.mask_from_scores(scores, processing.frame_slice(head, 256)[1])
+    assert np.array_equal(mask, np.repeat(np.repeat(plain, factor, 0), factor, 1))
+
+
+def test_a_slice_that_only_looks_upscaled_is_kept(head):
+    upscaled = np.repeat(np.repeat(head, 2, 0), 2, 1)
+    upscaled[101, 77] ^= 1
+    assert processing.undo_upscaling(upscaled)[1] == 1
+    assert processing.undo_upscaling(head)[1] == 1
+
+
+def test_an_upscaled_slice_off_the_grid_frames_nearly_the_same(head):
+    frame = processing.frame_slice(head, 256)[0]
+    canvas = np.zeros((720, 720), np.uint8)
+    canvas[11 : 11 + 3 * head.shape[0], 7 : 7 + 3 * head.shape[1]] = np.repeat(
+        np.repeat(head, 3, 0), 3, 1
+    )
+    assert processing.undo_upscaling(canvas)[1] == 1
+    assert np.abs(processing.frame_slice(canvas, 256)[0] - frame).mean() < 0.005
 
 
 def test_frame_fits_the_head_box_with_a_margin(head):

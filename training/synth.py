@@ -247,6 +247,7 @@ def export(image, labels, rng):
 
 def frame_labels(labels, geometry):
     """(side, side) labels of the frame: the upload's label nearest each frame pixel."""
+    labels = labels[:: geometry.factor, :: geometry.factor]
     rows = np.round(geometry.source_coordinates(0)).astype(int)
     columns = np.round(geometry.source_coordinates(1)).astype(int)
     inside_rows = (rows >= 0) & (rows < labels.shape[0])
