@@ -8,6 +8,7 @@ import sys
 
 import mxnet as mx
 import numpy as np
+import png
 import pytest
 from conftest import ROOT, run_module
 
@@ -110,6 +111,10 @@ def test_a_short_run_learns_and_writes_the_sagemaker_layout(toy_volumes, tmp_pat
     ]
     meta = json.loads((tmp_path / "model" / "model-meta.json").read_text())
     assert meta["classes"][0] == "background" and meta["input_channels"] == 1
+    assert meta["frame_side"] == 48 and "--frame-side 48" in meta["training"]["command"]
+    assert meta["training"]["volumes"] == ["toy"] and meta["training"]["revision"]
+    width, height, _, _ = png.Reader(filename=str(tmp_path / "output" / "curve.png")).read()
+    assert width > 400 and height > 200
     loaded = load_model.load(str(tmp_path / "model"))
     assert loaded.segment(np.zeros((40, 40), np.uint8)).shape == (40, 40)
 

@@ -1,11 +1,14 @@
-"""Dice of the served model against held-out labels, beside a multi-Otsu baseline.
+"""Dice of the served model against held-out labels, beside a multi-Otsu baseline, and a QC sheet.
 
-    python -m training.evaluate --model-dir model/segmentation-net --volumes .cache/volumes \
-        --family spm --overview docs/overview.png
+    python -m training.evaluate --model-dir model/segmentation-net --family spm \
+        --degradations --qc qc.png
     python -m training.evaluate --model-dir model/segmentation-net --pairs my_slices/
 
+--family picks held-out volumes from the prepared ones (repeat it for several brains);
 --pairs reads `<name>.png` slices with `<name>_label.png` masks (values 0..3).
-The model is loaded through `load_model.py`, exactly as the server loads it.
+The model is loaded through `load_model.py`, exactly as the server loads it. Besides Dice per
+class, the table gives `outside`: the share of pixels beyond the reference brain dilated by
+2 mm that the model calls tissue, and `inside`: the share of reference brain it calls tissue.
 """
 
 import argparse
@@ -14,30 +17,43 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from processing import CLASS_NAMES as CLASSES
-from processing import FRAME_SIDE, frame_slice, mask_from_scores
+from processing import FRAME_SIDE, PALETTE, frame_slice, mask_from_scores
 from training.data import brain_slices, load_templates, planes
+
+PLANES = ("sagittal", "coronal", "axial")
+# Each degradation of a skull-on slice: what a real acquisition or export does to it.
+DEGRADATIONS = ("5 mm slices", "2x pixels", "noise", "bias", "8-bit")
 
 
 def main(argv=None):
-    """Print Dice per class for the model and multi-Otsu, per plane and skull variant."""
+    """Print Dice per class for the model and multi-Otsu, per brain, variant and plane."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", default="model/segmentation-net")
     parser.add_argument("--volumes", default=".cache/volumes", help="prepared template volumes")
-    parser.add_argument("--family", default="spm", help="which template family to evaluate on")
+    parser.add_argument(
+        "--family", action="append",
+        help="held-out volume family to evaluate on (repeatable; default spm)",
+    )  # fmt: skip
     parser.add_argument("--pairs", help="folder of <name>.png / <name>_label.png pairs instead")
     parser.add_argument("--every", type=int, default=1, help="use every n-th brain slice")
-    parser.add_argument("--overview", help="write an image / truth / prediction PNG here")
+    parser.add_argument(
+        "--degradations", action="store_true",
+        help="also score skull-on slices under " + ", ".join(DEGRADATIONS),
+    )  # fmt: skip
+    parser.add_argument("--qc", help="write a QC sheet PNG: input | mask | reference")
     args = parser.parse_args(argv)
 
     if args.pairs:
         slices = pair_slices(Path(args.pairs))
     else:
-        volumes = [v for v in load_templates(args.volumes) if v.family == args.family]
+        families = args.family or ["spm"]
+        volumes = [v for v in load_templates(args.volumes) if v.family in families]
         if not volumes:
-            sys.exit(f"error: no prepared volumes of family '{args.family}' in {args.volumes}")
-        slices = validation_slices(volumes, args.every)
+            sys.exit(f"error: no prepared volumes of family {families} in {args.volumes}")
+        slices = validation_slices(volumes, args.every, args.degradations)
     import load_model
 
     try:
@@ -47,39 +63,79 @@ def main(argv=None):
     predictions = [model.segment(s["raw"]) for s in slices]
     baseline = [multi_otsu(s["raw"]) for s in slices]
     print_table(slices, predictions, baseline)
-    if args.overview:
-        write_overview(args.overview, slices, predictions)
+    if args.qc:
+        write_qc(args.qc, slices, predictions)
 
 
-def validation_slices(volumes, every=3):
+def validation_slices(volumes, every=3, degradations=False):
     """Held-out slices of every plane, skull on (when the image has one) and stripped.
 
-    Each is a dict: raw (H, W) uint8 as a user would upload it, target (H, W) uint8, and
-    plane / variant / volume names for grouping.
+    Each is a dict: raw (H, W) uint16 as a scanner exports it (12-bit range), target (H, W)
+    uint8, spacing (mm), and brain / plane / variant names for grouping. With `degradations`,
+    skull-on slices also come in each of DEGRADATIONS.
     """
     slices = []
     for volume in volumes:
         labels = volume.labels()
         brain = labels > 0
+        scale = 4095 / max(float(volume.image.max()), 1e-6)
         has_skull = (volume.image[~brain] > 0.05 * volume.image.max()).mean() > 0.02
         variants = {"stripped": volume.image * brain}
         if has_skull:
             variants["skull"] = volume.image
+        rng = np.random.default_rng(0)
         for variant, image in variants.items():
-            for plane, plane_name in enumerate(("sagittal", "coronal", "axial")):
+            for plane, plane_name in enumerate(PLANES):
+                spacing = float(np.delete(volume.spacing, plane).mean())
                 for index in brain_slices(labels, plane, 0.05)[::every]:
-                    raw = planes(image, plane)[index]
-                    raw = np.round(255 * raw / max(float(image.max()), 1e-6)).astype(np.uint8)
-                    slices.append(
-                        {
-                            "raw": raw,
-                            "target": planes(labels, plane)[index],
-                            "plane": plane_name,
-                            "variant": variant,
-                            "volume": volume.name,
-                        }
-                    )
+                    base = {
+                        "target": planes(labels, plane)[index],
+                        "plane": plane_name,
+                        "volume": volume.name,
+                        "brain": volume.family,
+                        "spacing": spacing,
+                    }
+                    raw = planes(image, plane)[index] * scale
+                    slices.append(base | {"raw": to_uint16(raw), "variant": variant})
+                    if degradations and variant == "skull":
+                        for name in DEGRADATIONS:
+                            degraded = degrade(name, image, plane, index, volume.spacing, rng)
+                            slices.append(base | {"raw": degraded(scale), "variant": name})
     return slices
+
+
+def degrade(name, image, plane, index, spacing, rng):
+    """A function of the export scale giving slice `index` of `image` under one degradation."""
+    slice_ = planes(image, plane)[index].astype(np.float32)
+    if name == "5 mm slices":
+        half = max(1, round(5 / spacing[plane])) // 2
+        stack = planes(image, plane)[max(0, index - half) : index + half + 1]
+        return lambda scale: to_uint16(stack.mean(0) * scale)
+    if name == "2x pixels":
+        height, width = (np.array(slice_.shape) // 2) * 2
+        coarse = slice_[:height, :width].reshape(height // 2, 2, width // 2, 2).mean((1, 3))
+        upscaled = np.zeros_like(slice_)
+        upscaled[:height, :width] = np.repeat(np.repeat(coarse, 2, 0), 2, 1)
+        return lambda scale: to_uint16(upscaled * scale)
+    if name == "noise":
+        sigma = 0.05 * np.percentile(slice_, 99)
+        noisy = np.hypot(
+            slice_ + rng.normal(0, sigma, slice_.shape), rng.normal(0, sigma, slice_.shape)
+        )
+        return lambda scale: to_uint16(noisy * scale)
+    if name == "bias":
+        y, x = np.indices(slice_.shape) / max(slice_.shape)
+        field = np.exp(0.3 * np.sin(2 * y + 1) * np.cos(3 * x))  # about +-30 %
+        return lambda scale: to_uint16(slice_ * field * scale)
+    if name == "8-bit":
+        top = np.percentile(slice_, 99.5)  # a display window: the brightest pixels saturate
+        return lambda scale: np.round(np.clip(slice_ / max(top, 1e-6), 0, 1) * 255).astype(np.uint8)
+    raise ValueError(name)
+
+
+def to_uint16(values):
+    """Round and clip to a 16-bit export."""
+    return np.round(np.clip(values, 0, 65535)).astype(np.uint16)
 
 
 def predict_slices(net, slices, side=FRAME_SIDE):
@@ -114,6 +170,20 @@ def pixel_accuracy(slices, predictions, where=lambda s: True):
     return right / max(total, 1)
 
 
+def brain_outline(slices, predictions, where=lambda s: True):
+    """(outside, inside): tissue share beyond the brain dilated by 2 mm, and within the brain."""
+    counts = np.zeros(4)
+    for s, predicted in zip(slices, predictions):
+        if not where(s):
+            continue
+        brain = s["target"] > 0
+        margin = max(1, round(2 / s.get("spacing", 1.0)))
+        outside = ~ndimage.binary_dilation(brain, iterations=margin)
+        tissue = predicted > 0
+        counts += [(tissue & outside).sum(), outside.sum(), (tissue & brain).sum(), brain.sum()]
+    return counts[0] / max(counts[1], 1), counts[2] / max(counts[3], 1)
+
+
 def multi_otsu(raw):
     """Classical baseline: 4-class multi-Otsu thresholds, darkest to brightest = bg, CSF, GM, WM."""
     from skimage.filters import threshold_multiotsu
@@ -126,27 +196,27 @@ def multi_otsu(raw):
 
 
 def print_table(slices, predictions, baseline):
-    """Dice per class and pixel accuracy, ENet beside multi-Otsu, per variant and plane."""
+    """Dice per class, pixel accuracy and the brain outline shares, ENet beside multi-Otsu."""
     groups = defaultdict(int)
     for s in slices:
-        groups[(s["variant"], s["plane"])] += 1
-    header = (
-        f"{'variant':9} {'plane':9} {'n':>4} {'method':10} "
+        groups[(s.get("brain", "-"), s["variant"], s["plane"])] += 1
+    print(
+        f"{'brain':10} {'variant':12} {'plane':9} {'n':>4} {'method':10} "
         + " ".join(f"{c[:12]:>12}" for c in CLASSES)
-        + f" {'pixel_acc':>9}"
+        + f" {'pixel_acc':>9} {'outside':>8} {'inside':>8}"
     )
-    print(header)
-    for (variant, plane), count in sorted(groups.items()) + [(("all", "all"), len(slices))]:
+    for (brain, variant, plane), count in sorted(groups.items()):
 
-        def where(s, variant=variant, plane=plane):
-            return variant == "all" or (s["variant"] == variant and s["plane"] == plane)
+        def where(s, key=(brain, variant, plane)):
+            return (s.get("brain", "-"), s["variant"], s["plane"]) == key
 
         for method, masks in (("enet", predictions), ("multi-otsu", baseline)):
             scores = dice_scores(slices, masks, where)
+            outside, inside = brain_outline(slices, masks, where)
             print(
-                f"{variant:9} {plane:9} {count:4d} {method:10} "
+                f"{brain:10} {variant:12} {plane:9} {count:4d} {method:10} "
                 + " ".join(f"{scores[c]:12.3f}" for c in CLASSES)
-                + f" {pixel_accuracy(slices, masks, where):9.3f}"
+                + f" {pixel_accuracy(slices, masks, where):9.3f} {outside:8.3f} {inside:8.3f}"
             )
 
 
@@ -173,30 +243,58 @@ def pair_slices(folder):
     return slices
 
 
-def write_overview(path, slices, predictions, per_group=2):
-    """A PNG grid: for a few slices per plane and variant, image | truth | prediction."""
-    import png
+def write_qc(path, slices, predictions):
+    """A QC sheet: for the middle slice of each brain, plane and variant, input | mask | reference.
 
-    from processing import PALETTE
+    One row per variant (skull on, stripped, each degradation), one column group per brain and
+    plane, titled, with a colour legend: a person sees at a glance where the model is wrong.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     groups = defaultdict(list)
     for s, p in zip(slices, predictions):
-        groups[(s["variant"], s["plane"])].append((s, p))
-    picked = []
-    for members in groups.values():  # evenly spaced slices, away from the ends
-        step = len(members) / (per_group + 1)
-        picked += [members[int(step * (k + 1))] for k in range(per_group)]
-    side = max(max(s["raw"].shape) for s, _ in picked)
-    palette = np.array(PALETTE, dtype=np.uint8)
-    rows = []
-    for s, p in picked:
-        tiles = [np.repeat(s["raw"][..., None], 3, axis=2), palette[s["target"]], palette[p]]
-        tiles = [np.pad(t, ((0, side - t.shape[0]), (0, side - t.shape[1]), (0, 0))) for t in tiles]
-        rows.append(np.concatenate(tiles, axis=1))
-    grid = np.concatenate(rows, axis=0)
+        groups[(s["variant"], s["volume"], s["plane"])].append((s, p))
+    variants = list(dict.fromkeys(s["variant"] for s in slices))
+    columns = list(dict.fromkeys((s["volume"], s["plane"]) for s in slices))
+    palette = np.array(PALETTE, np.float32) / 255
+    size = (3.9 * len(columns), 1.5 * len(variants) + 0.6)
+    figure, axes = plt.subplots(len(variants), 3 * len(columns), figsize=size, squeeze=False)
+    for row, variant in enumerate(variants):
+        for col, (volume, plane) in enumerate(columns):
+            members = groups.get((variant, volume, plane))
+            cells = axes[row, 3 * col : 3 * col + 3]
+            for ax in cells:
+                ax.axis("off")
+            if not members:
+                continue
+            s, predicted = members[len(members) // 2]
+            image = s["raw"].astype(np.float32)
+            image /= max(float(np.percentile(image, 99.5)), 1e-6)
+            for ax, picture, title in zip(
+                cells,
+                (np.clip(image, 0, 1), palette[predicted], palette[s["target"]]),
+                ("input", "mask", "reference"),
+            ):
+                ax.imshow(np.rot90(picture), cmap="gray", interpolation="nearest")
+                if row == 0:
+                    ax.set_title(
+                        f"{volume} {plane}\n{title}" if title == "input" else title, fontsize=7
+                    )
+            cells[0].text(
+                -0.05, 0.5, variant, transform=cells[0].transAxes, rotation=90,
+                ha="right", va="center", fontsize=7,
+            )  # fmt: skip
+    legend = [Patch(color=palette[c], label=name) for c, name in enumerate(CLASSES)]
+    figure.legend(handles=legend, loc="lower center", ncol=len(CLASSES), fontsize=8, frameon=False)
+    figure.tight_layout(rect=(0, 0.04, 1, 1))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    png.from_array(grid.reshape(grid.shape[0], -1), "RGB").save(path)
-    print(f"overview: {path}")
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    print(f"qc: {path}")
 
 
 if __name__ == "__main__":

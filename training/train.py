@@ -178,6 +178,7 @@ def train(args):
                 if args.export == "best":
                     export(net, model_dir, args, scores, state)
             checkpoint(run_dir, net, trainer, state)
+            plot_curve(state["history"], run_dir / "curve.png")
     if rank == 0 and args.export == "last":
         # the last epoch, chosen without looking at validation scores
         export(
@@ -322,6 +323,26 @@ def export(net, model_dir, args, scores, state):
         "validation_dice": {k: round(float(v), 4) for k, v in scores.items()},
     }
     (model_dir / "model-meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def plot_curve(history, path):
+    """Training loss and held-out Dice per class, per epoch, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    left.plot(epochs, [h["loss"] for h in history], marker="o")
+    left.set(xlabel="epoch", ylabel="training loss (1 - soft Dice)", title="loss")
+    for name in CLASS_NAMES:
+        right.plot(epochs, [h[f"dice_{name}"] for h in history], marker="o", label=name)
+    right.set(xlabel="epoch", ylabel="Dice", ylim=(0, 1), title="held-out Dice")
+    right.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
 
 
 def revision():
