@@ -412,6 +412,11 @@ def channel_class(upload_memory):
         parser_class = Parser
         error_task_class = JSONErrorTask
 
+        def handle_close(self):
+            if self.request is not None:  # a body cut off mid-way gives its share back now
+                self.request.close()
+            super().handle_close()
+
     return Channel
 
 
