@@ -11,12 +11,12 @@ import urllib.request
 import uuid
 
 import pytest
-from conftest import ROOT, exchange, post_head, serve, stop
+from conftest import ROOT, exchange, post_head, read_png, serve, stop
 from test_processing import png_with_header
 
 import greengrassBrainSegmentationApp as app_module
 import processing
-from tools import fuzz
+from tools import fuzz, soak
 
 
 def big_png(size):
@@ -139,3 +139,34 @@ def test_no_upload_reaches_the_temp_directory(tmp_path):
         _, log = process.communicate(timeout=30)
     assert "TEMPFILE" not in log, log
     assert list(tmp.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def standalone():
+    """(url, pid) of the standalone server in its own process, as the README starts it."""
+    process, url = soak.start_server()
+    yield url, process.pid
+    process.terminate()
+    process.wait(30)
+
+
+def test_a_4096_slice_gets_its_mask(standalone):
+    url, _ = standalone
+    status, body = soak.post(url, soak.upscaled(4096))
+    assert status == 200
+    mask = read_png(body)
+    _, small = soak.post(url, soak.upscaled(256))
+    assert mask.shape == (4096, 4096)
+    agreement = (mask[8::16, 8::16] == read_png(small)).mean()
+    assert agreement > 0.9, agreement
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="RSS is read from /proc")
+def test_memory_stays_bounded_over_a_size_sweep(standalone):
+    url, pid = standalone
+    rss = []
+    for side in (256, 512, 1024, 2048, 4096, 256):
+        assert soak.post(url, soak.upscaled(side))[0] == 200
+        rss.append(soak.rss_mb(pid))
+    print("RSS (MB) after 256, 512, 1024, 2048, 4096, 256:", rss)
+    assert max(rss) <= 600, rss
