@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import weakref
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 
 from flask import Flask, Request, Response, jsonify, request
@@ -45,6 +46,7 @@ class Settings:
     threads: int = 4  # THREADS: waitress worker threads
     max_upload_mb: float = 20.0  # MAX_UPLOAD_MB: larger bodies get 413
     upload_memory_mb: float = 200.0  # UPLOAD_MEMORY_MB: request bodies held at once, all clients
+    work_megapixels: float = 21.0  # WORK_MEGAPIXELS: slices decoded and segmented at once
     connection_limit: int = 250  # CONNECTION_LIMIT: open connections before accepting pauses
     channel_timeout: int = 30  # CHANNEL_TIMEOUT: seconds an idle connection is kept
     api_token: str = ""  # API_TOKEN: when set, every route but /health needs it
@@ -129,7 +131,12 @@ def create_app(settings=None, model=None, publisher=None):
     app = Flask(__name__)
     app.request_class = InMemoryRequest
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
-    state = {"model": model, "error": None, "started": time.time()}
+    state = {
+        "model": model,
+        "error": None,
+        "started": time.time(),
+        "work": PixelBudget(settings.work_megapixels * 1e6),
+    }
     if model is None:
         try:
             state["model"] = load_model.load(settings.model_dir or None)
@@ -178,7 +185,7 @@ def create_app(settings=None, model=None, publisher=None):
     @app.post("/segment")
     def segment():
         model = current_model()
-        body, summary = segment_png(model, read_upload())
+        body, summary = segment_png(model, read_upload(), state["work"])
         publisher.publish(summary)
         response = Response(body, mimetype="image/png")
         response.headers.update(
@@ -258,19 +265,22 @@ def create_app(settings=None, model=None, publisher=None):
     return app
 
 
-def segment_png(model, data):
+def segment_png(model, data, work=None):
     """PNG bytes -> (mask PNG bytes, summary): decode, segment, encode, each stage timed.
 
-    The summary (model id, size, timings, class fractions, never pixels) is what the MQTT
+    `work`, a PixelBudget, bounds the pixels all requests decode and segment at once. The
+    summary (model id, size, timings, class fractions, never pixels) is what the MQTT
     publisher sends and what the response headers report.
     """
-    started = time.perf_counter()
-    slice_ = processing.decode_png(data)
-    decoded = time.perf_counter()
-    mask = model.segment(slice_)
-    inferred = time.perf_counter()
-    body = processing.encode_mask(mask, model.meta["colours"])
-    encoded = time.perf_counter()
+    width, height = processing.png_size(data)
+    with work.hold(width * height) if work else nullcontext():
+        started = time.perf_counter()
+        slice_ = processing.decode_png(data)
+        decoded = time.perf_counter()
+        mask = model.segment(slice_)
+        inferred = time.perf_counter()
+        body = processing.encode_mask(mask, model.meta["colours"])
+        encoded = time.perf_counter()
     return body, {
         "model_id": model.model_id,
         "width": mask.shape[1],
@@ -282,6 +292,34 @@ def segment_png(model, data):
         "time": round(time.time(), 3),
         "fractions": processing.class_fractions(mask, model.meta["classes"]),
     }
+
+
+class PixelBudget:
+    """Pixels being decoded and segmented at once, all requests together.
+
+    Memory per request grows with its pixels: a 4096x4096 slice waits until it fits, while
+    small slices go on beside it, so neither memory nor a small slice's wait depends on what
+    other clients send.
+    """
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.used = 0
+        self.room = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels):
+        """Wait until `pixels` fit (a slice larger than the whole budget waits for all of it)."""
+        pixels = min(pixels, self.limit)
+        with self.room:
+            self.room.wait_for(lambda: self.used + pixels <= self.limit)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self.room:
+                self.used -= pixels
+                self.room.notify_all()
 
 
 def read_upload():
@@ -496,7 +534,8 @@ def lambda_handler(event, context):
         return status
     model = _background["app"].extensions["segmentation"]["model"]
     try:
-        body, summary = segment_png(model, base64.b64decode(event["image_png_base64"]))
+        work = _background["app"].extensions["segmentation"]["work"]
+        body, summary = segment_png(model, base64.b64decode(event["image_png_base64"]), work)
     except (processing.ImageError, ValueError) as error:
         return {**status, "error": str(error)}
     return {

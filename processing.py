@@ -75,14 +75,7 @@ def decode_png(data):
     bomb is refused after a few bytes. Memory is the (H, W) result plus one block of at most
     BLOCK_BYTES of inflated rows. Any fault in the file is an ImageError (a 4xx).
     """
-    if not data:
-        raise ImageError(
-            "the request body is empty: send the PNG as the raw body or as multipart field 'file'"
-        )
-    if not data.startswith(PNG_SIGNATURE):
-        raise UnsupportedFormat(f"{sniff(data)} is not supported; send a {ACCEPTED}")
-    reader = read_header(data)
-    check_size(reader.width, reader.height)
+    reader = open_png(data)
     to_grey = grey_converter(reader)
     dtype = np.uint16 if reader.bitdepth > 8 else np.uint8
     slice_ = np.empty((reader.height, reader.width), dtype)
@@ -107,6 +100,25 @@ def decode_png(data):
             f"the PNG is damaged or truncated ({error}); re-export it and retry"
         ) from error
     return slice_
+
+
+def png_size(data):
+    """(width, height) of a PNG upload, after the checks decode_png makes before any pixel."""
+    reader = open_png(data)
+    return reader.width, reader.height
+
+
+def open_png(data):
+    """A png.Reader positioned at the first IDAT, once the body is a PNG of a size we take."""
+    if not data:
+        raise ImageError(
+            "the request body is empty: send the PNG as the raw body or as multipart field 'file'"
+        )
+    if not data.startswith(PNG_SIGNATURE):
+        raise UnsupportedFormat(f"{sniff(data)} is not supported; send a {ACCEPTED}")
+    reader = read_header(data)
+    check_size(reader.width, reader.height)
+    return reader
 
 
 def sniff(data):
