@@ -14,15 +14,19 @@ Three ways to run the same code:
 
 import argparse
 import base64
+import hmac
+import io
 import json
 import logging
 import os
 import sys
 import threading
 import time
+import weakref
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Request, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 import load_model
@@ -41,8 +45,18 @@ class Settings:
     model_dir: str = ""  # MODEL_DIR; empty = search Greengrass paths, then bundled
     threads: int = 4  # THREADS: waitress worker threads
     max_upload_mb: float = 20.0  # MAX_UPLOAD_MB: larger bodies get 413
+    upload_memory_mb: float = 200.0  # UPLOAD_MEMORY_MB: request bodies held at once, all clients
+    work_megapixels: float = 21.0  # WORK_MEGAPIXELS: slices decoded and segmented at once
+    connection_limit: int = 250  # CONNECTION_LIMIT: open connections before accepting pauses
+    channel_timeout: int = 30  # CHANNEL_TIMEOUT: seconds an idle connection is kept
+    api_token: str = ""  # API_TOKEN: when set, every route but /health needs it
     mqtt_topic: str = "brain-segmentation/inferences"  # MQTT_TOPIC, used under Greengrass
     log_level: str = "INFO"  # LOG_LEVEL
+
+    @property
+    def max_upload_bytes(self):
+        """MAX_UPLOAD_MB in bytes."""
+        return int(self.max_upload_mb * 1024 * 1024)
 
     @classmethod
     def from_env(cls, environ=None, **overrides):
@@ -66,6 +80,23 @@ class ServiceUnavailable(Exception):
     """No model is loaded; answered with 503."""
 
     status = 503
+
+
+class Unauthorised(Exception):
+    """API_TOKEN is set and the request does not carry it; answered with 401."""
+
+    status = 401
+
+
+class InMemoryRequest(Request):
+    """A request whose multipart parts stay in memory (werkzeug spools parts over 500 KB to
+    a temporary file, and an uploaded slice must never reach the disk). The body is already
+    bounded by MAX_UPLOAD_MB before Flask sees it."""
+
+    def _get_file_stream(
+        self, total_content_length, content_type, filename=None, content_length=None
+    ):
+        return io.BytesIO()
 
 
 class Publisher:
@@ -98,8 +129,14 @@ def create_app(settings=None, model=None, publisher=None):
     """Build the Flask app. Loads the model unless given one; without a model it answers 503."""
     settings = settings or Settings.from_env()
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = int(settings.max_upload_mb * 1024 * 1024)
-    state = {"model": model, "error": None, "started": time.time()}
+    app.request_class = InMemoryRequest
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
+    state = {
+        "model": model,
+        "error": None,
+        "started": time.time(),
+        "work": PixelBudget(settings.work_megapixels * 1e6),
+    }
     if model is None:
         try:
             state["model"] = load_model.load(settings.model_dir or None)
@@ -111,8 +148,24 @@ def create_app(settings=None, model=None, publisher=None):
 
     def current_model():
         if state["model"] is None:
-            raise ServiceUnavailable(f"no model loaded: {state['error']}")
+            raise ServiceUnavailable(f"no model loaded: {load_error()}")
         return state["model"]
+
+    def has_token():
+        header = request.headers.get("Authorization", "")
+        expected = f"Bearer {settings.api_token}"
+        return bool(settings.api_token) and hmac.compare_digest(header.encode(), expected.encode())
+
+    def load_error():
+        # The loader's message names filesystem paths: only for a caller with the token.
+        if has_token():
+            return state["error"]
+        return "the model could not be loaded; the service log (or /health with the token) says why"
+
+    @app.before_request
+    def check_token():
+        if settings.api_token and request.path != "/health" and not has_token():
+            raise Unauthorised("this server needs the header 'Authorization: Bearer <API_TOKEN>'")
 
     @app.get("/")
     def usage():
@@ -132,7 +185,7 @@ def create_app(settings=None, model=None, publisher=None):
     @app.post("/segment")
     def segment():
         model = current_model()
-        body, summary = segment_png(model, read_upload())
+        body, summary = segment_png(model, read_upload(), state["work"])
         publisher.publish(summary)
         response = Response(body, mimetype="image/png")
         response.headers.update(
@@ -154,7 +207,7 @@ def create_app(settings=None, model=None, publisher=None):
                 {
                     "status": "unavailable",
                     "model_loaded": False,
-                    "error": state["error"],
+                    "error": load_error(),
                     "uptime_s": uptime,
                 }
             ), 503
@@ -165,7 +218,7 @@ def create_app(settings=None, model=None, publisher=None):
                 "model_loaded": True,
                 "model_id": model.model_id,
                 "model_name": model.meta["name"],
-                "model_dir": str(model.directory),
+                "model_dir": model_dir(model),
                 "input_channels": model.meta["input_channels"],
                 "uptime_s": uptime,
                 "version": VERSION,
@@ -174,12 +227,22 @@ def create_app(settings=None, model=None, publisher=None):
 
     @app.get("/model")
     def model_facts():
-        return jsonify(current_model().describe())
+        model = current_model()
+        return jsonify({**model.describe(), "model_dir": model_dir(model)})
+
+    def model_dir(model):
+        # The folder's name for anyone; where it lies on the box only with the token.
+        return str(model.directory) if has_token() else os.path.basename(str(model.directory))
 
     @app.errorhandler(processing.ImageError)
     @app.errorhandler(ServiceUnavailable)
+    @app.errorhandler(Unauthorised)
     def known_error(error):
-        return jsonify({"error": str(error)}), error.status
+        response = jsonify({"error": str(error)})
+        response.status_code = error.status
+        if error.status == 401:
+            response.headers["WWW-Authenticate"] = "Bearer"
+        return response
 
     @app.errorhandler(HTTPException)
     def http_error(error):
@@ -202,19 +265,22 @@ def create_app(settings=None, model=None, publisher=None):
     return app
 
 
-def segment_png(model, data):
+def segment_png(model, data, work=None):
     """PNG bytes -> (mask PNG bytes, summary): decode, segment, encode, each stage timed.
 
-    The summary (model id, size, timings, class fractions, never pixels) is what the MQTT
+    `work`, a PixelBudget, bounds the pixels all requests decode and segment at once. The
+    summary (model id, size, timings, class fractions, never pixels) is what the MQTT
     publisher sends and what the response headers report.
     """
-    started = time.perf_counter()
-    slice_ = processing.decode_png(data)
-    decoded = time.perf_counter()
-    mask = model.segment(slice_)
-    inferred = time.perf_counter()
-    body = processing.encode_mask(mask, model.meta["colours"])
-    encoded = time.perf_counter()
+    width, height = processing.png_size(data)
+    with work.hold(width * height) if work else nullcontext():
+        started = time.perf_counter()
+        slice_ = processing.decode_png(data)
+        decoded = time.perf_counter()
+        mask = model.segment(slice_)
+        inferred = time.perf_counter()
+        body = processing.encode_mask(mask, model.meta["colours"])
+        encoded = time.perf_counter()
     return body, {
         "model_id": model.model_id,
         "width": mask.shape[1],
@@ -228,15 +294,47 @@ def segment_png(model, data):
     }
 
 
+class PixelBudget:
+    """Pixels being decoded and segmented at once, all requests together.
+
+    Memory per request grows with its pixels: a 4096x4096 slice waits until it fits, while
+    small slices go on beside it, so neither memory nor a small slice's wait depends on what
+    other clients send.
+    """
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.used = 0
+        self.room = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels):
+        """Wait until `pixels` fit (a slice larger than the whole budget waits for all of it)."""
+        pixels = min(pixels, self.limit)
+        with self.room:
+            self.room.wait_for(lambda: self.used + pixels <= self.limit)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self.room:
+                self.used -= pixels
+                self.room.notify_all()
+
+
 def read_upload():
     """The image bytes: multipart field 'file', or else the raw body."""
     if request.mimetype == "multipart/form-data":
-        upload = request.files.get("file")
-        if upload is None:
+        uploads = request.files.getlist("file")
+        if not uploads:
             raise processing.ImageError(
                 "the multipart form has no field 'file'; send curl -F file=@slice.png"
             )
-        return upload.read()
+        if len(uploads) > 1:
+            raise processing.ImageError(
+                f"the multipart form has {len(uploads)} fields 'file'; send one slice per request"
+            )
+        return uploads[0].read()
     return request.get_data(cache=False)
 
 
@@ -246,18 +344,118 @@ def ms(seconds):
 
 
 def start_server(settings=None, app=None):
-    """Create a waitress server (not yet running); `server.effective_port` is the bound port."""
+    """Create a waitress server (not yet running); `server.effective_port` is the bound port.
+
+    Bodies over MAX_UPLOAD_MB are refused from their Content-Length, before they are read
+    (also under `Expect: 100-continue`); bodies under it stay in memory, never in a temporary
+    file, and all connections together hold at most UPLOAD_MEMORY_MB of them (503 beyond).
+    """
     from waitress.server import create_server
 
     settings = settings or Settings.from_env()
     app = app or create_app(settings)
-    return create_server(
+    limit = settings.max_upload_bytes
+    server = create_server(
         app,
         host=settings.host,
         port=settings.port,
         threads=settings.threads,
         ident="brain-segmentation",
+        max_request_body_size=limit + 1,  # waitress refuses bodies >= this; Flask > MAX_UPLOAD
+        inbuf_overflow=limit + 2,  # a body under the limit is never spooled to a temp file
+        outbuf_overflow=max(limit, 16 * 1024 * 1024),  # nor is a mask on its way out
+        connection_limit=settings.connection_limit,
+        channel_timeout=settings.channel_timeout,
+        cleanup_interval=min(10, settings.channel_timeout),
+        asyncore_use_poll=True,  # select() cannot watch file descriptors past 1024
+        expose_tracebacks=False,
     )
+    server.channel_class = channel_class(UploadMemory(settings.upload_memory_mb * 1024 * 1024))
+    return server
+
+
+class UploadMemory:
+    """The request bytes all connections may hold in memory at once, shared by their parsers."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.lock = threading.Lock()
+        self.held = weakref.WeakKeyDictionary()  # parser -> bytes; a dropped parser frees its share
+
+    def reserve(self, parser, size):
+        """Grow `parser`'s share to `size` bytes; False if that would pass the limit."""
+        with self.lock:
+            others = sum(self.held.values()) - self.held.get(parser, 0)
+            if others + size > self.limit:
+                return False
+            self.held[parser] = size
+            return True
+
+    def release(self, parser):
+        """Give back `parser`'s share."""
+        with self.lock:
+            self.held.pop(parser, None)
+
+
+def channel_class(upload_memory):
+    """A waitress channel whose requests share `upload_memory` and whose errors are JSON."""
+    from waitress.channel import HTTPChannel
+    from waitress.parser import HTTPRequestParser
+    from waitress.task import ErrorTask
+    from waitress.utilities import Error
+
+    class Busy(Error):
+        code = 503
+        reason = "Service Unavailable"
+
+    class Parser(HTTPRequestParser):
+        """waitress's parser, plus the shared memory cap and an early answer on errors."""
+
+        def received(self, data):
+            consumed = super().received(data)
+            if self.error is None and self.headers_finished:
+                size = max(self.content_length, self.body_bytes_received)
+                if size and not upload_memory.reserve(self, size):
+                    self.error = Busy("the server is receiving too many uploads; retry shortly")
+                    self.completed = True
+            if self.error is not None:
+                # waitress would send "100 Continue" and read the body before refusing it.
+                self.expect_continue = False
+            return consumed
+
+        def close(self):
+            super().close()
+            upload_memory.release(self)
+
+    class JSONErrorTask(ErrorTask):
+        """waitress's own error replies (400, 413, 431, 501, 503) as {"error": ...} JSON."""
+
+        def execute(self):
+            error = self.request.error
+            limit_mb = (self.channel.adj.max_request_body_size - 1) / 1024 / 1024
+            messages = {
+                400: f"the HTTP request is malformed ({error.body})",
+                413: f"the upload is larger than {limit_mb:g} MB",
+                431: "the request headers are too large",
+                500: "internal error; the server logged it and keeps serving",
+            }
+            body = json.dumps({"error": messages.get(error.code, error.body)}).encode()
+            self.status = f"{error.code} {error.reason}"
+            self.response_headers.append(("Content-Type", "application/json"))
+            self.set_close_on_finish()
+            self.content_length = len(body)
+            self.write(body)
+
+    class Channel(HTTPChannel):
+        parser_class = Parser
+        error_task_class = JSONErrorTask
+
+        def handle_close(self):
+            if self.request is not None:  # a body cut off mid-way gives its share back now
+                self.request.close()
+            super().handle_close()
+
+    return Channel
 
 
 # --- Greengrass Lambda -------------------------------------------------------------------
@@ -285,9 +483,13 @@ def start_in_background(settings=None):
                 server = start_server(settings, app)
                 _background["app"], _background["server"] = app, server
                 log.info("serving on port %s", server.effective_port)
-            except Exception as error:  # a Lambda has no terminal: log it and report it
-                _background["error"] = str(error)
-                log.exception("the segmentation server did not start")
+            except (Exception, SystemExit) as error:  # a Lambda has no terminal: log, report
+                _background["error"] = str(error) or type(error).__name__
+                log.error(
+                    "the segmentation server did not start: %s",
+                    _background["error"],
+                    exc_info=not isinstance(error, SystemExit),  # a bad setting needs no trace
+                )
                 return
             finally:
                 _background["ready"].set()
@@ -332,7 +534,8 @@ def lambda_handler(event, context):
         return status
     model = _background["app"].extensions["segmentation"]["model"]
     try:
-        body, summary = segment_png(model, base64.b64decode(event["image_png_base64"]))
+        work = _background["app"].extensions["segmentation"]["work"]
+        body, summary = segment_png(model, base64.b64decode(event["image_png_base64"]), work)
     except (processing.ImageError, ValueError) as error:
         return {**status, "error": str(error)}
     return {
@@ -352,9 +555,14 @@ def main(argv=None):
     parser.add_argument("--port", type=int, help="port (PORT, default 5000)")
     parser.add_argument("--model-dir", help="model folder (MODEL_DIR, default: search)")
     parser.add_argument("--threads", type=int, help="worker threads (THREADS, default 4)")
+    parser.add_argument("--api-token", help="require 'Authorization: Bearer TOKEN' (API_TOKEN)")
     args = parser.parse_args(argv)
     settings = Settings.from_env(
-        host=args.host, port=args.port, model_dir=args.model_dir, threads=args.threads
+        host=args.host,
+        port=args.port,
+        model_dir=args.model_dir,
+        threads=args.threads,
+        api_token=args.api_token,
     )
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(message)s")
     app = create_app(settings)

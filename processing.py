@@ -52,34 +52,73 @@ class ImageTooLarge(ImageError):
     status = 413
 
 
+# Adam7 interlace passes: (first column, first row, column step, row step).
+ADAM7 = [
+    (0, 0, 8, 8),
+    (4, 0, 8, 8),
+    (0, 4, 4, 8),
+    (2, 0, 4, 4),
+    (0, 2, 2, 4),
+    (1, 0, 2, 2),
+    (0, 1, 1, 2),
+]
+# Inflated rows handled at a time: bounds decoding memory whatever the image's size.
+BLOCK_BYTES = 16 * 1024 * 1024
+
+
 def decode_png(data):
     """PNG bytes -> (H, W) uint8 or uint16 greyscale slice.
 
-    Colour is reduced to luminance, alpha and palette are resolved. The header's size is
-    checked before any pixel is decompressed, so a decompression bomb costs nothing.
+    Colour is reduced to luminance, alpha is dropped and palette indices are resolved. The
+    header's size is checked before any pixel is decompressed, and no more is inflated than
+    the header promises (rows x row bytes, every interlace pass counted), so a decompression
+    bomb is refused after a few bytes. Memory is the (H, W) result plus one block of at most
+    BLOCK_BYTES of inflated rows. Any fault in the file is an ImageError (a 4xx).
     """
+    reader = open_png(data)
+    to_grey = grey_converter(reader)
+    dtype = np.uint16 if reader.bitdepth > 8 else np.uint8
+    slice_ = np.empty((reader.height, reader.width), dtype)
+    passes = scan_passes(reader)
+    try:
+        stream = Inflater(idat_chunks(reader))
+        for x0, y0, dx, dy, width, height, row_bytes in passes:
+            unit = max(1, reader.planes * reader.bitdepth // 8)
+            block_rows = max(1, BLOCK_BYTES // (1 + row_bytes))
+            previous = np.zeros(row_bytes, np.uint8)
+            for top in range(0, height, block_rows):
+                count = min(block_rows, height - top)
+                block = np.frombuffer(stream.read(count * (1 + row_bytes)), np.uint8)
+                rows = unfilter(block.reshape(count, 1 + row_bytes), previous, unit)
+                previous = rows[-1]
+                values = unpack(rows, reader.bitdepth, width * reader.planes)
+                grey = to_grey(values.reshape(count, width, reader.planes))
+                slice_[y0 + top * dy : y0 + (top + count) * dy : dy, x0::dx] = grey
+        stream.finish()
+    except (png.Error, EOFError, zlib.error, struct.error, ValueError) as error:
+        raise ImageError(
+            f"the PNG is damaged or truncated ({error}); re-export it and retry"
+        ) from error
+    return slice_
+
+
+def png_size(data):
+    """(width, height) of a PNG upload, after the checks decode_png makes before any pixel."""
+    reader = open_png(data)
+    return reader.width, reader.height
+
+
+def open_png(data):
+    """A png.Reader positioned at the first IDAT, once the body is a PNG of a size we take."""
     if not data:
         raise ImageError(
             "the request body is empty: send the PNG as the raw body or as multipart field 'file'"
         )
     if not data.startswith(PNG_SIGNATURE):
         raise UnsupportedFormat(f"{sniff(data)} is not supported; send a {ACCEPTED}")
-    width, height = read_header(data)
-    check_size(width, height)
-    try:
-        width, height, rows, info = png.Reader(bytes=data).asDirect()
-        pixels = np.vstack([np.asarray(row) for row in rows])
-    except (png.Error, zlib.error, EOFError, ValueError, struct.error) as error:
-        raise ImageError(
-            f"the PNG is damaged or truncated ({error}); re-export it and retry"
-        ) from error
-    planes = info["planes"]
-    pixels = pixels.reshape(height, width, planes)
-    dtype = np.uint16 if info["bitdepth"] > 8 else np.uint8
-    if planes >= 3:
-        luminance = pixels[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114])
-        return np.round(luminance).astype(dtype)
-    return pixels[..., 0].astype(dtype)
+    reader = read_header(data)
+    check_size(reader.width, reader.height)
+    return reader
 
 
 def sniff(data):
@@ -93,15 +132,19 @@ def sniff(data):
 
 
 def read_header(data):
-    """(width, height) from the IHDR chunk, which must come first and have a valid CRC."""
-    if len(data) < 33 or data[12:16] != b"IHDR":
+    """A png.Reader that has read and checked IHDR and every chunk up to the first IDAT."""
+    if data[12:16] != b"IHDR":
         raise ImageError("the PNG is truncated or has no IHDR header; re-export it and retry")
-    (length,) = struct.unpack(">I", data[8:12])
-    chunk = data[12 : 16 + length]
-    (crc,) = struct.unpack(">I", data[16 + length : 20 + length])
-    if length != 13 or zlib.crc32(chunk) & 0xFFFFFFFF != crc:
-        raise ImageError("the PNG header is damaged (bad IHDR); re-export it and retry")
-    return struct.unpack(">II", data[16:24])
+    reader = png.Reader(bytes=data)
+    try:
+        reader.preamble()
+        if reader.colormap and not reader.plte:
+            raise png.FormatError("a palette image without a PLTE chunk before its pixels")
+    except (png.Error, EOFError, struct.error, ValueError) as error:
+        raise ImageError(
+            f"the PNG header is damaged or truncated ({error}); re-export it and retry"
+        ) from error
+    return reader
 
 
 def check_size(width, height):
@@ -114,6 +157,157 @@ def check_size(width, height):
         raise ImageTooLarge(
             f"the image is {width}x{height} pixels; the limit is {MAX_SIDE}x{MAX_SIDE}"
         )
+
+
+def scan_passes(reader):
+    """[(x0, y0, dx, dy, width, height, row_bytes)]: each non-empty pass, one if not interlaced."""
+    grid = ADAM7 if reader.interlace else [(0, 0, 1, 1)]
+    passes = []
+    for x0, y0, dx, dy in grid:
+        width = -(-(reader.width - x0) // dx)
+        height = -(-(reader.height - y0) // dy)
+        if width > 0 and height > 0:
+            row_bytes = -(-(width * reader.planes * reader.bitdepth) // 8)
+            passes.append((x0, y0, dx, dy, width, height, row_bytes))
+    return passes
+
+
+def idat_chunks(reader):
+    """The data of each IDAT chunk (CRC checked by PyPNG), up to the first other chunk."""
+    while True:
+        kind, body = reader.chunk()
+        if kind != b"IDAT":
+            return
+        yield body
+
+
+class Inflater:
+    """Inflates IDAT data on demand: only the bytes asked for, then at most one more."""
+
+    def __init__(self, chunks):
+        self.chunks = chunks
+        self.zlib = zlib.decompressobj()
+        self.pending = b""
+
+    def read(self, size):
+        """Exactly `size` inflated bytes; ImageError if the image data ends before."""
+        parts, need = [], size
+        while need:
+            if not self.pending:
+                self.pending = b"" if self.zlib.eof else next(self.chunks, b"")
+                if not self.pending:
+                    raise ImageError(
+                        "the PNG has fewer pixel rows than its header promises "
+                        "(truncated or damaged); re-export it and retry"
+                    )
+            out = self.zlib.decompress(self.pending, need)
+            self.pending = self.zlib.unconsumed_tail
+            parts.append(out)
+            need -= len(out)
+        return b"".join(parts)
+
+    def finish(self):
+        """Refuse data beyond the promised rows: more pixels, or bytes after the zlib stream."""
+        while not self.zlib.eof:
+            if not self.pending:
+                self.pending = next(self.chunks, b"")
+                if not self.pending:
+                    return  # no end-of-stream marker, but every row arrived: accept, as libpng does
+            if self.zlib.decompress(self.pending, 1):
+                raise ImageError(
+                    "the PNG holds more pixel data than its header promises; re-export it and retry"
+                )
+            self.pending = self.zlib.unconsumed_tail
+        if self.zlib.unused_data or any(self.chunks):
+            raise ImageError("the PNG has data after its image stream; re-export it and retry")
+
+
+def unfilter(block, previous, unit):
+    """(n, 1 + row_bytes) filtered scanlines -> (n, row_bytes) uint8 bytes.
+
+    `previous` is the row above the first one (zeros at the top of a pass); `unit` is the
+    filter's pixel size in bytes. Filters without a left neighbour (None, Sub, Up) go a row at
+    a time; a block with Average or Paeth rows goes along anti-diagonals, where every pixel's
+    left, upper and upper-left neighbours are already known, so it costs rows + columns numpy
+    steps rather than one Python step per pixel.
+    """
+    kinds, data = block[:, 0], block[:, 1:]
+    if kinds.size and kinds.max() > 4:
+        raise ImageError(f"the PNG uses filter type {kinds.max()}, which does not exist")
+    count, row_bytes = data.shape
+    units = row_bytes // unit
+    if not np.isin(kinds, (3, 4)).any():
+        rows = np.empty_like(data)
+        above = previous
+        for i, kind in enumerate(kinds):
+            if kind == 1:
+                rows[i] = np.cumsum(data[i].reshape(units, unit), axis=0, dtype=np.uint8).ravel()
+            elif kind == 2:
+                rows[i] = data[i] + above
+            else:
+                rows[i] = data[i]
+            above = rows[i]
+        return rows
+    # Padded with the previous row on top and a zero column on the left, and flattened, so
+    # that pixel (i, x) lives at (i + 1) * (units + 1) + x + 1 and its neighbours never fall
+    # off the edge. Along the diagonal i + x = d those places are evenly spaced: basic slices.
+    padded = np.zeros(((count + 1) * (units + 1), unit), np.int16)
+    padded[1 : units + 1] = previous.reshape(units, unit)
+    filtered = np.ascontiguousarray(data).reshape(count * units, unit)
+    for diagonal in range(count + units - 1):
+        first, last = max(0, diagonal - units + 1), min(count - 1, diagonal)
+        at = first * units + units + diagonal + 2
+        here = slice(at, at + (last - first) * units + 1, units)
+        a = padded[here.start - 1 : here.stop - 1 : units]
+        b = padded[here.start - units - 1 : here.stop - units - 1 : units]
+        c = padded[here.start - units - 2 : here.stop - units - 2 : units]
+        source = first * (units - 1) + diagonal
+        step = max(units - 1, 1)
+        pa, pb, pc = np.abs(b - c), np.abs(a - c), np.abs(a + b - 2 * c)
+        paeth = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
+        predictor = np.choose(kinds[first : last + 1, None], [0 * a, a, b, (a + b) >> 1, paeth])
+        padded[here] = (
+            filtered[source : source + (last - first) * step + 1 : step] + predictor
+        ) & 0xFF
+    return (
+        padded.reshape(count + 1, units + 1, unit)[1:, 1:]
+        .reshape(count, row_bytes)
+        .astype(np.uint8)
+    )
+
+
+def unpack(rows, bitdepth, count):
+    """(n, row_bytes) uint8 scanlines -> (n, count) sample values, uint8 or uint16."""
+    if bitdepth == 16:
+        return rows.view(">u2").astype(np.uint16)[:, :count]
+    if bitdepth == 8:
+        return rows[:, :count]
+    shifts = np.arange(8 - bitdepth, -1, -bitdepth, dtype=np.uint8)
+    samples = (rows[:, :, None] >> shifts) & ((1 << bitdepth) - 1)
+    return samples.reshape(len(rows), -1)[:, :count]
+
+
+def grey_converter(reader):
+    """A function (n, W, planes) samples -> (n, W) grey, for this PNG's colour type."""
+    weights = np.array([0.299, 0.587, 0.114])
+    if reader.colormap:
+        palette = np.array([entry[:3] for entry in reader.palette()], np.float64)
+        lookup = np.round(palette @ weights).astype(np.uint8)
+
+        def from_palette(samples):
+            indices = samples[..., 0]
+            if indices.max() >= len(lookup):
+                raise ImageError(
+                    f"the PNG uses palette index {indices.max()} but its palette has "
+                    f"{len(lookup)} colours; re-export it and retry"
+                )
+            return lookup[indices]
+
+        return from_palette
+    dtype = np.uint16 if reader.bitdepth > 8 else np.uint8
+    if reader.planes >= 3:
+        return lambda samples: np.round(samples[..., :3] @ weights).astype(dtype)
+    return lambda samples: samples[..., 0].astype(dtype)
 
 
 def normalise(slice_):

@@ -1,5 +1,6 @@
 """Shared fixtures: the bundled model, real slices, and a real server on a free port."""
 
+import socket
 import sys
 import threading
 import time
@@ -96,3 +97,42 @@ def run_module(module, *args):
 
     command = [sys.executable, "-m", module, *map(str, args)]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def exchange(url, head, body=b"", timeout=30):
+    """Send raw request bytes (`head`, then `body`) and read the first reply.
+
+    Returns (status, headers dict with lower-case names, body). The reply is read even if the
+    server answered before the body was sent and closed the connection.
+    """
+    host, port = url.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(head)
+        try:
+            sock.sendall(body)
+        except OSError:
+            pass  # answered early and closed; read what it said
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+        status_line, _, rest = reply.partition(b"\r\n")
+        header_block, _, payload = rest.partition(b"\r\n\r\n")
+        headers = dict(
+            line.decode("latin-1").lower().split(": ", 1) for line in header_block.split(b"\r\n")
+        )
+        while len(payload) < int(headers.get("content-length", 0)):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            payload += chunk
+    return int(status_line.split()[1]), headers, payload
+
+
+def post_head(path, length, *extra):
+    """Request bytes of a POST whose headers promise `length` body bytes."""
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Content-Type: image/png"]
+    lines += [f"Content-Length: {length}", *extra]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()

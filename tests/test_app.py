@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import png
 import pytest
-from conftest import read_png, serve, stop
+from conftest import exchange, post_head, read_png, serve, stop
 from test_processing import png_with_header
 
 import greengrassBrainSegmentationApp as app_module
@@ -132,7 +132,21 @@ def jpeg():
         ("wrong method", lambda u, p: request(u + "/", method="DELETE"), 405, "not allowed"),
         ("GET on /segment", lambda u, p: request(u + "/segment"), 405, "not allowed"),
         ("unknown path", lambda u, p: request(u + "/nowhere"), 404, "no route"),
-        ("body over the limit", lambda u, p: post_png(u + "/", bytes(3 * 1024 * 1024)), 413, "MB"),
+        ("body over the limit", lambda u, p: over_limit(u, b""), 413, "2 MB"),
+        ("over the limit, Expect", lambda u, p: over_limit(u, b"Expect: 100-continue"), 413, "MB"),
+        (
+            "malformed request",
+            lambda u, p: exchange(u, b"POST / HTTP/1.1\r\nbad\r\n\r\n"),
+            400,
+            "malformed",
+        ),
+        ("bad Content-Length", lambda u, p: exchange(u, post_head("/", "-5")), 400, "malformed"),
+        (
+            "headers too large",
+            lambda u, p: request(u + "/", headers={"X-Big": "x" * 300_000}),
+            431,
+            "headers",
+        ),
     ],
 )
 def test_bad_input_gets_a_json_4xx_and_the_server_keeps_serving(
@@ -140,9 +154,16 @@ def test_bad_input_gets_a_json_4xx_and_the_server_keeps_serving(
 ):
     got, headers, body = send(server_url, t1_png)
     assert got == status, name
-    assert headers["Content-Type"] == "application/json"
+    headers = {k.lower(): v for k, v in headers.items()}
+    assert headers["content-type"] == "application/json"
     assert words in json.loads(body)["error"]
     assert post_png(server_url + "/", t1_png)[0] == 200
+
+
+def over_limit(url, expect):
+    """Headers promising 3 MB to a 2 MB server, no body sent: the answer must come anyway."""
+    extra = [expect.decode()] if expect else []
+    return exchange(url, post_head("/", 3 * 1024 * 1024, *extra))
 
 
 def multipart_request(field, data):
@@ -160,15 +181,67 @@ def test_concurrent_requests_match_serial_ones(server_url, t1_png, head_png):
 
 
 def test_without_a_model_health_is_503_and_posts_explain(tmp_path, t1_png):
-    settings = app_module.Settings(host="127.0.0.1", port=0, model_dir=str(tmp_path))
+    settings = app_module.Settings(
+        host="127.0.0.1", port=0, model_dir=str(tmp_path), api_token="s3cret"
+    )
     server, url = serve(settings)
+    token = {"Authorization": "Bearer s3cret"}
     try:
         status, _, body = request(url + "/health")
+        assert status == 503 and "log" in json.loads(body)["error"]
+        assert str(tmp_path) not in body.decode(), "paths only for a caller with the token"
+        status, _, body = request(url + "/health", headers=token)
         assert status == 503 and str(tmp_path) in json.loads(body)["error"]
-        status, _, body = post_png(url + "/", t1_png)
+        status, _, body = request(url + "/", t1_png, "POST", token)
         assert status == 503 and "no model" in json.loads(body)["error"]
     finally:
         stop(server)
+
+
+def test_with_a_token_every_route_but_health_needs_it(model, t1_png):
+    settings = app_module.Settings(host="127.0.0.1", port=0, api_token="s3cret")
+    server, url = serve(settings, model)
+    good, bad = {"Authorization": "Bearer s3cret"}, {"Authorization": "Bearer guess"}
+    try:
+        for route, data in [("/", t1_png), ("/segment", t1_png), ("/model", None), ("/", None)]:
+            for headers in ({}, bad):
+                status, answer, body = request(url + route, data, headers=headers)
+                assert status == 401 and answer["WWW-Authenticate"] == "Bearer", route
+                assert "Authorization: Bearer" in json.loads(body)["error"]
+        assert request(url + "/", t1_png, "POST", good)[0] == 200
+        status, _, body = request(url + "/model", headers=good)
+        assert status == 200 and json.loads(body)["model_dir"] == str(model.directory)
+        status, _, body = request(url + "/health")
+        assert status == 200 and json.loads(body)["model_dir"] == "segmentation-net"
+        status, _, body = request(url + "/health", headers=good)
+        assert json.loads(body)["model_dir"] == str(model.directory)
+    finally:
+        stop(server)
+
+
+def test_without_a_token_no_reply_shows_a_filesystem_path(server_url, model):
+    for route in ("/health", "/model"):
+        status, _, body = request(server_url + route)
+        assert status == 200 and str(model.directory.parent) not in body.decode(), route
+        assert json.loads(body)["model_dir"] == "segmentation-net"
+
+
+def test_two_file_parts_are_a_400(server_url, t1_png, head_png):
+    boundary = uuid.uuid4().hex
+    body = b""
+    for data in (t1_png, head_png):
+        body += (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="s.png"\r\n'
+                "Content-Type: image/png\r\n\r\n"
+            ).encode()
+            + data
+            + b"\r\n"
+        )
+    body += f"--{boundary}--\r\n".encode()
+    content_type = f"multipart/form-data; boundary={boundary}"
+    status, _, answer = request(server_url + "/", body, "POST", {"Content-Type": content_type})
+    assert status == 400 and "2 fields 'file'" in json.loads(answer)["error"]
 
 
 def test_internal_failure_is_a_json_500(model, t1_png):

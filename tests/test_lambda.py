@@ -81,3 +81,43 @@ def test_a_bad_image_event_is_reported_not_raised():
     )
     status = json.loads(out.stdout.strip().splitlines()[-1])
     assert status["state"] == "serving" and "not supported" in status["error"]
+
+
+# Imports the module as the Greengrass runtime does and polls the handler until the server
+# has either started or failed; prints the last status.
+POLL = """
+import importlib, json, time
+app = importlib.import_module("greengrassBrainSegmentationApp")
+for _ in range(600):
+    status = app.lambda_handler({}, None)
+    if status["state"] != "starting":
+        break
+    time.sleep(0.1)
+print(json.dumps(app.lambda_handler({"image_png_base64": "bm90IGEgcG5n"}, None)), flush=True)
+"""
+
+
+def run_as_greengrass(**env):
+    """The status and the log of a Greengrass-style start with these environment variables."""
+    env = dict(
+        os.environ,
+        MY_FUNCTION_ARN="arn:aws:lambda:eu-west-1:1:function:brainSeg:1",
+        HOST="127.0.0.1",
+        **env,
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", POLL], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
+
+
+def test_a_bad_setting_is_reported_failed_and_logged_once():
+    status, log = run_as_greengrass(PORT="abc")
+    assert status["state"] == "failed" and "PORT='abc'" in status["error"]
+    assert log.count("PORT='abc'") == 1, log
+
+
+def test_a_model_that_does_not_load_is_reported_failed_and_logged_once(tmp_path):
+    status, log = run_as_greengrass(PORT=str(free_port()), MODEL_DIR=str(tmp_path))
+    assert status["state"] == "failed" and str(tmp_path) in status["error"]
+    assert log.count(str(tmp_path)) == 1, log

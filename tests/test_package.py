@@ -111,18 +111,26 @@ def free_port():
         return probe.getsockname()[1]
 
 
+# Both deployed servers here run with this API_TOKEN, so /health may show where the model is.
+TOKEN = {"Authorization": "Bearer package-test"}
+
+
 def segment(url, png_bytes):
     """POST a slice; returns (status, content type, body)."""
     request = urllib.request.Request(
-        url + "/segment", data=png_bytes, method="POST", headers={"Content-Type": "image/png"}
+        url + "/segment",
+        data=png_bytes,
+        method="POST",
+        headers={"Content-Type": "image/png", **TOKEN},
     )
     with urllib.request.urlopen(request, timeout=60) as response:
         return response.status, response.headers["Content-Type"], response.read()
 
 
 def health(url):
-    """The JSON of GET /health."""
-    with urllib.request.urlopen(url + "/health", timeout=10) as response:
+    """The JSON of GET /health, asked with the token (so it names the model's folder)."""
+    request = urllib.request.Request(url + "/health", headers=TOKEN)
+    with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())
 
 
@@ -192,6 +200,7 @@ def test_unzipped_package_serves_as_a_greengrass_lambda(unzipped, native_dir, t1
         "PORT": str(port),
         "HOST": "127.0.0.1",
         "MXNET_ENGINE_TYPE": "NaiveEngine",
+        "API_TOKEN": "package-test",
     }
     # -I -S: no user or venv site-packages, no PYTHON* variables; the paths come in argv.
     command = [sys.executable, "-I", "-S", "-c", LAMBDA_RUNTIME, str(unzipped), str(native_dir)]
@@ -261,6 +270,7 @@ def test_recipe_run_step_serves(unzipped, tmp_path):
         "PATH": "/usr/bin:/bin",
         "HOME": str(tmp_path),
         "HOST": "127.0.0.1",
+        "API_TOKEN": "package-test",
         **lifecycle.get("Setenv", {}),
     }
     log_path = tmp_path / "component.log"

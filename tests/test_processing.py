@@ -10,6 +10,7 @@ import pytest
 from conftest import DATA, read_png
 
 import processing
+from tools import fuzz
 
 
 def encode(array, **info):
@@ -22,14 +23,21 @@ def encode(array, **info):
     return out.getvalue()
 
 
-def png_with_header(width, height):
-    """A PNG signature and a valid-CRC IHDR claiming width x height, then one tiny IDAT."""
-    ihdr = b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    idat = b"IDAT" + zlib.compress(b"\x00\x00")
-    chunks = b""
-    for body in (ihdr, idat, b"IEND"):
-        chunks += struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
-    return processing.PNG_SIGNATURE + chunks
+def png_with_header(width, height, idat=None, bitdepth=8, colour_type=0, extra=()):
+    """A PNG signature, a valid-CRC IHDR claiming width x height, an IDAT (tiny unless given)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, bitdepth, colour_type, 0, 0, 0)
+    idat = zlib.compress(b"\x00\x00") if idat is None else idat
+    return fuzz.build([(b"IHDR", ihdr), *extra, (b"IDAT", idat), (b"IEND", b"")])
+
+
+def reference_decode(data):
+    """What decode_png must return, computed with PyPNG's own (slow, unbounded) decoder."""
+    width, height, rows, info = png.Reader(bytes=data).asDirect()
+    pixels = np.vstack([np.asarray(r) for r in rows]).reshape(height, width, info["planes"])
+    dtype = np.uint16 if info["bitdepth"] > 8 else np.uint8
+    if info["planes"] >= 3:
+        return np.round(pixels[..., :3] @ np.array([0.299, 0.587, 0.114])).astype(dtype)
+    return pixels[..., 0].astype(dtype)
 
 
 @pytest.fixture
@@ -66,6 +74,71 @@ def test_palette_is_resolved(grey):
     palette = [(v, v, v) for v in range(256)]
     decoded = processing.decode_png(encode(grey, palette=palette))
     assert np.abs(decoded.astype(int) - grey).max() <= 1
+
+
+def test_every_mode_filter_and_interlace_decodes_as_pypng_does():
+    rng = np.random.default_rng(3)
+    for data in fuzz.seeds(rng, sizes=((16, 16), (37, 29), (70, 19))):
+        decoded, expected = processing.decode_png(data), reference_decode(data)
+        assert decoded.dtype == expected.dtype and np.array_equal(decoded, expected)
+
+
+def test_the_16x16_inflation_bomb_is_refused_after_a_few_bytes():
+    deflate = zlib.compressobj(9)
+    zeros = bytes(1 << 20)
+    stream = b"".join(deflate.compress(zeros) for _ in range(64)) + deflate.flush()
+    bomb = png_with_header(16, 16, idat=stream)  # 64 MiB of rows where 272 bytes are due
+    assert len(bomb) < 100_000
+    with pytest.raises(processing.ImageError, match="more pixel data than its header") as caught:
+        processing.decode_png(bomb)
+    assert caught.value.status == 400
+
+
+@pytest.mark.parametrize("rows, words", [(15, "fewer pixel rows"), (17, "more pixel data")])
+def test_a_wrong_row_count_is_a_400(rows, words):
+    data = png_with_header(16, 16, idat=zlib.compress(bytes(rows * 17)))
+    with pytest.raises(processing.ImageError, match=words):
+        processing.decode_png(data)
+
+
+def test_a_truncated_interlaced_image_is_a_400(grey):
+    out = io.BytesIO()
+    png.Writer(30, 40, greyscale=True, interlace=True).write(out, grey.tolist())
+    image = fuzz.scanlines(out.getvalue())
+    for cut in (1, len(image) // 2, len(image) - 1):
+        with pytest.raises(processing.ImageError, match="fewer pixel rows"):
+            processing.decode_png(fuzz.with_scanlines(out.getvalue(), image[:cut]))
+
+
+def test_a_corrupted_chunk_length_is_a_400(grey):
+    data = bytearray(encode(grey, greyscale=True))
+    data[33:37] = struct.pack(">I", 0x7FFFFFF0)  # the IDAT's length, far past the end
+    with pytest.raises(processing.ImageError, match="truncated"):
+        processing.decode_png(bytes(data))
+
+
+def test_a_palette_index_past_the_palette_is_a_400():
+    palette = (b"PLTE", bytes(range(12)))  # 4 colours; the pixels use index 9
+    data = png_with_header(
+        16, 16, idat=zlib.compress(bytes([0] + [9] * 16) * 16), colour_type=3, extra=[palette]
+    )
+    with pytest.raises(processing.ImageError, match="palette index 9"):
+        processing.decode_png(data)
+
+
+@pytest.mark.parametrize(
+    "idat, words",
+    [
+        (zlib.compress(bytes([7] + [0] * 16) * 16), "filter type 7"),
+        (zlib.compress(bytes(16 * 17)) + b"junk", "after its image stream"),
+        (zlib.compress(bytes(16 * 17))[:-30], "fewer pixel rows"),
+        (b"not zlib at all", "damaged"),
+    ],
+)
+def test_damaged_image_data_is_a_400(idat, words):
+    with pytest.raises(processing.ImageError, match=words) as caught:
+        processing.decode_png(png_with_header(16, 16, idat=idat))
+    assert caught.value.status == 400
 
 
 def test_normalise_is_independent_of_bit_depth(grey):
