@@ -43,6 +43,7 @@ class Settings:
     host: str = "0.0.0.0"  # HOST
     port: int = 5000  # PORT
     model_dir: str = ""  # MODEL_DIR; empty = search Greengrass paths, then bundled
+    runtime: str = "auto"  # RUNTIME: auto (ONNX Runtime if it can, else MXNet), onnxruntime, mxnet
     threads: int = 4  # THREADS: waitress worker threads
     max_upload_mb: float = 20.0  # MAX_UPLOAD_MB: larger bodies get 413
     upload_memory_mb: float = 200.0  # UPLOAD_MEMORY_MB: request bodies held at once, all clients
@@ -139,7 +140,7 @@ def create_app(settings=None, model=None, publisher=None):
     }
     if model is None:
         try:
-            state["model"] = load_model.load(settings.model_dir or None)
+            state["model"] = load_model.load(settings.model_dir or None, settings.runtime)
         except load_model.ModelError as error:
             state["error"] = str(error)
             log.error("no model loaded: %s", error)
@@ -194,6 +195,7 @@ def create_app(settings=None, model=None, publisher=None):
                 "X-Inference-Ms": str(summary["inference_ms"]),
                 "X-Encode-Ms": str(summary["encode_ms"]),
                 "X-Model-Id": model.model_id,
+                "X-Runtime": model.runtime.name,
                 "X-Classes": ",".join(model.meta["classes"]),
             }
         )
@@ -219,6 +221,7 @@ def create_app(settings=None, model=None, publisher=None):
                 "model_id": model.model_id,
                 "model_name": model.meta["name"],
                 "model_dir": model_dir(model),
+                "runtime": model.runtime.name,
                 "input_channels": model.meta["input_channels"],
                 "uptime_s": uptime,
                 "version": VERSION,
@@ -283,6 +286,7 @@ def segment_png(model, data, work=None):
         encoded = time.perf_counter()
     return body, {
         "model_id": model.model_id,
+        "runtime": model.runtime.name,
         "width": mask.shape[1],
         "height": mask.shape[0],
         "decode_ms": ms(decoded - started),
@@ -556,6 +560,11 @@ def main(argv=None):
     parser.add_argument("--model-dir", help="model folder (MODEL_DIR, default: search)")
     parser.add_argument("--threads", type=int, help="worker threads (THREADS, default 4)")
     parser.add_argument("--api-token", help="require 'Authorization: Bearer TOKEN' (API_TOKEN)")
+    parser.add_argument(
+        "--runtime",
+        choices=load_model.RUNTIMES,
+        help="what runs the network (RUNTIME, default auto: ONNX Runtime if it can, else MXNet)",
+    )
     args = parser.parse_args(argv)
     settings = Settings.from_env(
         host=args.host,
@@ -563,6 +572,7 @@ def main(argv=None):
         model_dir=args.model_dir,
         threads=args.threads,
         api_token=args.api_token,
+        runtime=args.runtime,
     )
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(message)s")
     app = create_app(settings)

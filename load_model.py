@@ -1,20 +1,26 @@
-"""Find, load and run the MXNet segmentation model on the CPU.
+"""Find and load the segmentation model; run it with ONNX Runtime or MXNet on the CPU.
 
 A model directory holds `<prefix>-symbol.json` and `<prefix>-NNNN.params` (the highest NNNN
-wins), optionally `<prefix>-shapes.json` and `model-meta.json`: what a SageMaker MXNet job's
-model.tar.gz and the Greengrass ML resource hold. Module checkpoints (`arg:`/`aux:` keys) and
-Gluon parameter files (bare names) both load. The rest of the code sees
-`Model.predict(batch) -> probabilities` and `Model.segment(slice) -> mask`.
+wins), optionally `<prefix>-shapes.json`, `model-meta.json` and `model.onnx`: what a SageMaker
+MXNet job's model.tar.gz and the Greengrass ML resource hold. Module checkpoints (`arg:`/`aux:`
+keys) and Gluon parameter files (bare names) both load. `model.onnx` is the same network
+exported by `python -m training.export_onnx DIR`.
+
+The rest of the code sees `Model.predict(batch) -> logits` and `Model.segment(slice) -> mask`,
+whichever runtime runs the network: ONNX Runtime when it is installed and the folder has
+`model.onnx` (the only choice on a Raspberry Pi, where MXNet does not import), else MXNet.
 """
 
 import hashlib
 import json
 import logging
 import os
+import platform
 import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -26,6 +32,10 @@ os.environ.setdefault("MXNET_SUBGRAPH_VERBOSE", "0")
 
 GREENGRASS_PATH = "/greengrass-machine-learning/mxnet/segmentation-net/"
 BUNDLED_PATH = Path(__file__).resolve().parent / "model" / "segmentation-net"
+ONNX_NAME = "model.onnx"
+RUNTIMES = ("auto", "onnxruntime", "mxnet")
+# What a checkpoint without model-meta.json or shapes file is taken to be: a Gluon export
+# (whose input is always "data") of a one-channel network; these are the only copies.
 DEFAULT_META = {
     "name": "unnamed-mxnet-model",
     "input_name": "data",
@@ -35,12 +45,24 @@ DEFAULT_META = {
     "classes": processing.CLASS_NAMES,
     "colours": [list(c) for c in processing.PALETTE],
     "normalisation": processing.NORMALISATION,
+    "output": "logits",
 }
 CACHED_SHAPES = 8
+# Output operators that only rescale the scores: dropping one leaves the argmax unchanged.
+SOFTMAX_OPS = {"softmax", "SoftmaxActivation", "SoftmaxOutput", "log_softmax"}
 
 
 class ModelError(Exception):
     """The model cannot be found or loaded; the message names the path and the fault."""
+
+
+class ModelFiles(NamedTuple):
+    """The files of one model directory; shapes and onnx are None when absent."""
+
+    symbol: Path
+    params: Path
+    shapes: Optional[Path]
+    onnx: Optional[Path]
 
 
 def candidate_dirs(model_dir=None):
@@ -68,7 +90,7 @@ def find_model_dir(model_dir=None):
 
 
 def find_files(directory):
-    """(symbol, params, shapes or None) paths of the checkpoint in `directory`."""
+    """The ModelFiles of the checkpoint in `directory`."""
     symbols = sorted(directory.glob("*-symbol.json"))
     if len(symbols) > 1:
         log.warning("several symbol files in %s; using %s", directory, symbols[0].name)
@@ -81,61 +103,192 @@ def find_files(directory):
     if not epochs:
         raise ModelError(f"{symbols[0]} has no matching {prefix}-NNNN.params in {directory}")
     shapes = directory / f"{prefix}-shapes.json"
-    return symbols[0], epochs[max(epochs)], shapes if shapes.exists() else None
+    onnx = directory / ONNX_NAME
+    return ModelFiles(
+        symbols[0],
+        epochs[max(epochs)],
+        shapes if shapes.exists() else None,
+        onnx if onnx.exists() else None,
+    )
 
 
-def load(model_dir=None):
-    """Find and load the model; raises ModelError with the path and the fault."""
+def read_meta(directory, shapes_path=None):
+    """The model's contract: model-meta.json, else the shapes file, else DEFAULT_META.
+
+    The shapes file (`[{"name": ..., "shape": [N, C, H, W]}]`) gives the input name and the
+    channels.
+    """
+    meta = dict(DEFAULT_META)
+    try:
+        if shapes_path:
+            first = json.loads(shapes_path.read_text())[0]
+            meta.update(input_name=first["name"], input_channels=int(first["shape"][1]))
+        meta_path = directory / "model-meta.json"
+        if meta_path.exists():
+            meta.update(json.loads(meta_path.read_text()))
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
+        raise ModelError(f"cannot read the model's description in {directory}: {error}") from error
+    return meta
+
+
+def load(model_dir=None, runtime="auto"):
+    """Find and load the model with `runtime` (auto, onnxruntime or mxnet); raises ModelError."""
     directory, origin = find_model_dir(model_dir)
-    model = Model(directory)
+    model = Model(directory, runtime)
     log.info(
-        "loaded model %s (%s) from %s [%s]", model.meta["name"], model.model_id, directory, origin
+        "loaded model %s (%s) from %s [%s] with %s",
+        model.meta["name"],
+        model.model_id,
+        directory,
+        origin,
+        model.runtime.name,
     )
     return model
 
 
 class Model:
-    """A loaded checkpoint with a cache of CPU executors, one per input shape."""
+    """A model directory's facts (meta, model_id) and the runtime that runs its network."""
 
-    def __init__(self, directory):
-        import mxnet as mx
-
-        self.mx = mx
+    def __init__(self, directory, runtime="auto"):
         self.directory = Path(directory)
-        symbol_path, params_path, shapes_path = find_files(self.directory)
-        self.meta = dict(DEFAULT_META)
-        meta_path = self.directory / "model-meta.json"
+        self.files = find_files(self.directory)
+        self.params_path = self.files.params
+        self.meta = read_meta(self.directory, self.files.shapes)
+        self.model_id = file_id(self.params_path)
+        self.runtime = open_runtime(runtime, self.files, self.meta, self.model_id)
+        side = self.meta["frame_side"]  # the one input shape that serving uses
+        self.predict(np.zeros((1, self.meta["input_channels"], side, side), np.float32))
+
+    def predict(self, batch):
+        """(N, C, H, W) float32, H and W multiples of size_multiple -> (N, K, H, W) logits."""
+        return self.runtime.predict(batch)
+
+    def segment(self, slice_):
+        """(H, W) slice of any dtype -> (H, W) uint8 class indices."""
+        frame, geometry = processing.frame_slice(slice_, self.meta["frame_side"])
+        batch = np.repeat(frame[None, None], self.meta["input_channels"], axis=1)
+        return processing.mask_from_scores(self.predict(batch)[0], geometry)
+
+    def describe(self):
+        """Facts for /health and /model."""
+        return {
+            "model_id": self.model_id,
+            "model_dir": str(self.directory),
+            "params_file": self.params_path.name,
+            "runtime": self.runtime.name,
+            **self.meta,
+        }
+
+
+def open_runtime(choice, files, meta, model_id):
+    """The runtime for `choice`: auto takes ONNX Runtime when it can, else MXNet."""
+    if choice not in RUNTIMES:
+        raise ModelError(f"RUNTIME/--runtime must be one of {', '.join(RUNTIMES)}, not {choice!r}")
+    reason = None
+    if choice in ("auto", "onnxruntime"):
         try:
-            if meta_path.exists():
-                self.meta.update(json.loads(meta_path.read_text()))
-            if shapes_path:
-                shape = json.loads(shapes_path.read_text())[0]["shape"]
-                self.meta.setdefault("input_channels", shape[1])
-            self.symbol = mx.sym.load(str(symbol_path))
-            raw = mx.nd.load(str(params_path))
+            return OnnxRuntime(files, meta, model_id)
+        except RuntimeUnavailable as error:
+            if choice == "onnxruntime":
+                raise ModelError(str(error)) from error
+            reason = str(error)
+    try:
+        runtime = MxnetRuntime(files, meta)
+    except RuntimeUnavailable as error:
+        raise ModelError(" ".join(filter(None, [reason and reason + ";", str(error)]))) from error
+    if reason:
+        log.info("running the model with MXNet: %s", reason)
+    return runtime
+
+
+class RuntimeUnavailable(ModelError):
+    """This runtime cannot run here (not installed, cannot import, or no file for it)."""
+
+
+class OnnxRuntime:
+    """`model.onnx` in an ONNX Runtime CPU session (thread-safe, any input size)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, files, meta, model_id):
+        if files.onnx is None:
+            raise RuntimeUnavailable(
+                f"no {ONNX_NAME} in {files.params.parent} "
+                f"(make it with: python -m training.export_onnx {files.params.parent})"
+            )
+        try:
+            import onnxruntime
+        except ImportError as error:
+            raise RuntimeUnavailable(f"onnxruntime is not installed ({error})") from error
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3  # warnings about unused initializers are not news
+        try:
+            self.session = onnxruntime.InferenceSession(
+                str(files.onnx), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as error:  # ORT raises its own exception types for a bad file
+            raise ModelError(f"cannot load {files.onnx}: {first_line(error)}") from error
+        exported_from = self.session.get_modelmeta().custom_metadata_map.get("model_id")
+        if exported_from != model_id:
+            raise RuntimeUnavailable(
+                f"{files.onnx} was exported from other parameters ({exported_from}) than "
+                f"{files.params.name} ({model_id}); re-export it with: "
+                f"python -m training.export_onnx {files.params.parent}"
+            )
+        self.input_name = self.session.get_inputs()[0].name
+        if self.input_name != meta["input_name"]:
+            raise ModelError(
+                f"{files.onnx} takes input {self.input_name!r}, the model's description says "
+                f"{meta['input_name']!r}"
+            )
+
+    def predict(self, batch):
+        """(N, C, H, W) float32 -> (N, K, H, W) float32 logits."""
+        feed = {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
+        return self.session.run(None, feed)[0]
+
+
+class MxnetRuntime:
+    """The MXNet checkpoint, bound once per input shape (least recently used dropped).
+
+    With `rewrite` (the default) the graph is first made cheaper with the same argmax, see
+    `simplify`; without it, it runs exactly as exported (for comparisons).
+    """
+
+    name = "mxnet"
+
+    def __init__(self, files, meta, rewrite=True):
+        mx = import_mxnet()
+        self.mx = mx
+        self.directory = files.params.parent
+        try:
+            graph = json.loads(files.symbol.read_text())
+            params = read_params(files.params)
+            if rewrite:
+                graph, params = simplify(graph, params)
+            self.symbol = mx.sym.load_json(json.dumps(graph))
         except (OSError, ValueError, KeyError, IndexError, mx.base.MXNetError) as error:
             raise ModelError(
                 f"cannot read the model in {self.directory}: {first_line(error)}"
             ) from error
-        self.args, self.aux = split_params(raw, self.symbol)
-        self.input_name = self.meta["input_name"]
-        missing = [
-            n for n in self.symbol.list_arguments() if n != self.input_name and n not in self.args
-        ]
+        self.input_name = meta["input_name"]
+        arguments = [n for n in self.symbol.list_arguments() if n != self.input_name]
+        missing = [n for n in arguments if n not in params]
         if missing:
             raise ModelError(
-                f"{params_path} does not match {symbol_path.name}: "
+                f"{files.params} does not match {files.symbol.name}: "
                 f"{len(missing)} missing parameters, e.g. {missing[:3]}"
             )
-        self.model_id = hashlib.sha256(params_path.read_bytes()).hexdigest()[:12]
-        self.params_path = params_path
+        self.args = {n: mx.nd.array(params[n], dtype=params[n].dtype) for n in arguments}
+        self.aux = {
+            n: mx.nd.array(params[n], dtype=params[n].dtype)
+            for n in self.symbol.list_auxiliary_states()
+        }
         self.executors = OrderedDict()
         self.lock = threading.Lock()
-        side = self.meta["frame_side"]
-        self.predict(np.zeros((1, self.meta["input_channels"], side, side), np.float32))
 
     def predict(self, batch):
-        """(N, C, H, W) float32, H and W multiples of size_multiple -> (N, K, H, W) float32."""
+        """(N, C, H, W) float32 -> (N, K, H, W) float32 (logits when rewritten)."""
         with self.lock:  # executors are not thread-safe
             executor = self.executor(batch.shape)
             executor.arg_dict[self.input_name][:] = batch
@@ -162,32 +315,106 @@ class Model:
             self.executors.popitem(last=False)
         return executor
 
-    def segment(self, slice_):
-        """(H, W) slice of any dtype -> (H, W) uint8 class indices."""
-        frame, geometry = processing.frame_slice(slice_, self.meta["frame_side"])
-        batch = np.repeat(frame[None, None], self.meta["input_channels"], axis=1)
-        return processing.mask_from_scores(self.predict(batch)[0], geometry)
 
-    def describe(self):
-        """Facts for /health and /model."""
-        return {
-            "model_id": self.model_id,
-            "model_dir": str(self.directory),
-            "params_file": self.params_path.name,
-            **self.meta,
-        }
+def import_mxnet():
+    """The mxnet module, or RuntimeUnavailable saying why it does not import here and what to do."""
+    try:
+        import mxnet
+    except (ImportError, OSError) as error:
+        machine = platform.machine()
+        if machine.startswith(("armv6", "armv7", "armv8l")):
+            advice = (
+                f"this is 32-bit ARM ({machine}), for which neither ONNX Runtime nor MXNet has "
+                "a wheel: install 64-bit Raspberry Pi OS (aarch64), then "
+                "pip install -r requirements.txt"
+            )
+        elif "libarmpl" in str(error):
+            advice = (
+                "MXNet's aarch64 wheel needs Arm Performance Libraries; serve with ONNX "
+                "Runtime instead (pip install -r requirements.txt, model.onnx in the model "
+                "folder) or install ArmPL (docs/DEPLOY.md)"
+            )
+        else:
+            advice = "pip install -r requirements.txt"
+        raise RuntimeUnavailable(
+            f"MXNet cannot be imported ({first_line(error)}): {advice}"
+        ) from error
+    return mxnet
 
 
-def split_params(raw, symbol):
-    """Module (`arg:`/`aux:`) or Gluon (bare names) params -> (args, aux) dicts for the symbol."""
-    args, aux = {}, {}
-    aux_names = set(symbol.list_auxiliary_states())
-    for key, value in raw.items():
-        kind, _, name = key.partition(":")
-        if not name:
-            kind, name = ("aux" if key in aux_names else "arg"), key
-        (aux if kind == "aux" else args)[name] = value
-    return args, aux
+def read_params(path):
+    """A .params file (Module `arg:`/`aux:` keys or Gluon bare names) -> {name: ndarray}."""
+    mx = import_mxnet()
+    try:
+        raw = mx.nd.load(str(path))
+    except mx.base.MXNetError as error:
+        raise ModelError(f"cannot read {path}: {first_line(error)}") from error
+    return {key.partition(":")[2] or key: value.asnumpy() for key, value in raw.items()}
+
+
+def simplify(graph, params):
+    """An MXNet symbol graph (the parsed JSON) made cheaper to run, with the same argmax.
+
+    - PReLU with a single slope becomes LeakyReLU with that slope: the same function, and
+      MXNet's PReLU kernel takes over half of the forward pass.
+    - Dropout goes (it does nothing at inference).
+    - A softmax at the output goes: the output becomes logits, whose argmax is the same.
+    Returns (graph, params) without the parameters that are no longer used.
+    """
+    nodes = graph["nodes"]
+    head = graph["heads"][0][0]
+    kept, entries = [], {}  # entries: (old node, output) -> [new node, output, 0]
+
+    def entry(node_input):
+        node, output = node_input[0], node_input[1]
+        return entries.get((node, output)) or [entries[(node, 0)][0], output, 0]
+
+    for index, node in enumerate(nodes):
+        inputs = [entry(i) for i in node["inputs"]]
+        op, attrs = node["op"], dict(node.get("attrs", {}))
+        if op == "Dropout" or (index == head and op in SOFTMAX_OPS):
+            entries[(index, 0)] = inputs[0]
+            continue
+        if op == "LeakyReLU" and attrs.get("act_type") == "prelu":
+            slope = params.get(nodes[node["inputs"][1][0]]["name"])
+            if slope is not None and slope.size == 1:
+                attrs = {"act_type": "leaky", "slope": repr(float(slope.reshape(-1)[0]))}
+                inputs = inputs[:1]
+        entries[(index, 0)] = [len(kept), 0, 0]
+        kept.append({"op": op, "name": node["name"], "attrs": attrs, "inputs": inputs})
+    heads = [entry(h) for h in graph["heads"]]
+    graph, used = prune(kept, heads, graph.get("attrs", {}))
+    return graph, {name: value for name, value in params.items() if name in used}
+
+
+def prune(nodes, heads, attrs):
+    """(graph JSON with only the nodes the heads depend on, names of its variables)."""
+    needed, stack = set(), [h[0] for h in heads]
+    while stack:
+        index = stack.pop()
+        if index not in needed:
+            needed.add(index)
+            stack.extend(i[0] for i in nodes[index]["inputs"])
+    order = sorted(needed)
+    new_index = {old: new for new, old in enumerate(order)}
+
+    def moved(entry):
+        return [new_index[entry[0]], entry[1], entry[2]]
+
+    pruned = [{**nodes[i], "inputs": [moved(e) for e in nodes[i]["inputs"]]} for i in order]
+    variables = [i for i, node in enumerate(pruned) if node["op"] == "null"]
+    graph = {
+        "nodes": pruned,
+        "arg_nodes": variables,
+        "heads": [moved(h) for h in heads],
+        "attrs": attrs,
+    }
+    return graph, {pruned[i]["name"] for i in variables}
+
+
+def file_id(path):
+    """The first 12 hex digits of the file's SHA-256: the model id that the responses carry."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
 
 
 def first_line(error):

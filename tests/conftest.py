@@ -21,8 +21,29 @@ import load_model  # noqa: E402
 
 @pytest.fixture(scope="session")
 def model():
-    """The real bundled model, loaded the way the server loads it."""
+    """The real bundled model, loaded the way the server loads it (ONNX Runtime here)."""
     return load_model.load(str(load_model.BUNDLED_PATH))
+
+
+@pytest.fixture(scope="session")
+def mxnet_model():
+    """The same bundled model run by MXNet (its rewritten graph)."""
+    return load_model.load(str(load_model.BUNDLED_PATH), runtime="mxnet")
+
+
+@pytest.fixture(scope="session")
+def test_slices():
+    """{file name: (H, W) slice} of every real slice in tests/data."""
+    from processing import decode_png
+
+    paths = sorted(p for p in DATA.glob("*.png") if "_label" not in p.name)
+    return {p.name: decode_png(p.read_bytes()) for p in paths}
+
+
+def agreement(a, b):
+    """Share of equal elements of two masks (or argmaxes) of the same shape."""
+    assert a.shape == b.shape
+    return float((a == b).mean())
 
 
 @pytest.fixture(scope="session")

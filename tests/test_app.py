@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import png
 import pytest
-from conftest import exchange, post_head, read_png, serve, stop
+from conftest import agreement, exchange, post_head, read_png, serve, stop
 from test_processing import png_with_header
 
 import greengrassBrainSegmentationApp as app_module
@@ -57,6 +57,7 @@ def test_raw_upload_returns_a_palette_mask_of_the_slice(server_url, t1_png, t1_l
     assert predicted_tissue[brain].mean() > 0.9, "brain pixels must get a tissue class"
     assert not predicted_tissue[~brain].mean() > 0.05, "outside the brain must be background"
     assert float(headers["X-Inference-Ms"]) > 0 and headers["X-Model-Id"]
+    assert headers["X-Runtime"] == "onnxruntime"
 
 
 def test_multipart_gives_the_same_mask(server_url, t1_png):
@@ -99,6 +100,7 @@ def test_health_and_model(server_url):
     status, _, body = request(server_url + "/health")
     health = json.loads(body)
     assert status == 200 and health["model_loaded"] and health["input_channels"] == 1
+    assert health["runtime"] == "onnxruntime"
     status, _, body = request(server_url + "/model")
     facts = json.loads(body)
     assert facts["classes"] == ["background", "csf", "grey_matter", "white_matter"]
@@ -246,7 +248,7 @@ def test_two_file_parts_are_a_400(server_url, t1_png, head_png):
 
 def test_internal_failure_is_a_json_500(model, t1_png):
     class Broken:
-        meta, model_id, directory = model.meta, "broken", "nowhere"
+        meta, model_id, directory, runtime = model.meta, "broken", "nowhere", model.runtime
 
         def segment(self, slice_):
             raise RuntimeError("boom")
@@ -260,9 +262,28 @@ def test_internal_failure_is_a_json_500(model, t1_png):
         stop(server)
 
 
+def test_an_mxnet_server_serves_the_same_masks(test_slices, tmp_path):
+    settings = app_module.Settings.from_env({"RUNTIME": "mxnet"}, host="127.0.0.1", port=0)
+    server, url = serve(settings)
+    onnx_server, onnx_url = serve(app_module.Settings(host="127.0.0.1", port=0))
+    try:
+        for slice_ in test_slices.values():
+            out = __import__("io").BytesIO()
+            png.from_array(slice_, "L;16" if slice_.dtype == np.uint16 else "L").write(out)
+            answers = [post_png(u + "/segment", out.getvalue()) for u in (url, onnx_url)]
+            assert [a[1]["X-Runtime"] for a in answers] == ["mxnet", "onnxruntime"]
+            masks = [read_png(a[2]) for a in answers]
+            assert agreement(*masks) >= 0.9999
+        assert json.loads(request(url + "/health")[2])["runtime"] == "mxnet"
+    finally:
+        stop(server)
+        stop(onnx_server)
+
+
 def test_settings_read_the_environment_and_flags_win():
     settings = app_module.Settings.from_env({"PORT": "6001", "MODEL_DIR": "/m"}, port=7000)
     assert settings.port == 7000 and settings.model_dir == "/m" and settings.host == "0.0.0.0"
+    assert app_module.Settings.from_env({"RUNTIME": "mxnet"}, runtime=None).runtime == "mxnet"
     with pytest.raises(SystemExit, match="PORT"):
         app_module.Settings.from_env({"PORT": "five thousand"})
 

@@ -1,4 +1,4 @@
-"""load_model.py: finding checkpoints, both parameter layouts, clear faults, the forward pass."""
+"""load_model.py: finding checkpoints, both parameter layouts, both runtimes, clear faults."""
 
 import json
 import shutil
@@ -8,41 +8,79 @@ import sys
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import ROOT, read_png
+from conftest import ROOT, agreement, read_png
 
 import load_model
+import processing
 
 
-def copy_model(target, prefix="model", epoch=0):
-    """Copy the bundled checkpoint into `target` under another prefix and epoch."""
+def copy_model(target, prefix="model", epoch=0, onnx=False):
+    """Copy the bundled checkpoint (and its model.onnx) into `target` under another prefix."""
     target.mkdir(parents=True, exist_ok=True)
     bundled = load_model.BUNDLED_PATH
     shutil.copy(bundled / "model-symbol.json", target / f"{prefix}-symbol.json")
     shutil.copy(bundled / "model-0000.params", target / f"{prefix}-{epoch:04d}.params")
+    if onnx:
+        shutil.copy(bundled / "model.onnx", target / "model.onnx")
     return target
 
 
-def test_forward_pass_gives_probabilities(model):
-    batch = np.random.default_rng(0).random((1, 1, 64, 96), dtype=np.float32)
-    probabilities = model.predict(batch)
-    assert probabilities.shape == (1, 4, 64, 96)
-    assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-4)
+def softmax(logits):
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
-@pytest.mark.parametrize("shape", [(91, 109), (256, 256), (257, 300), (16, 16)])
-def test_any_slice_size_gives_a_mask_of_that_size(model, shape):
-    mask = model.segment(np.random.default_rng(1).integers(0, 255, shape).astype(np.uint8))
-    assert mask.shape == shape and mask.dtype == np.uint8 and mask.max() <= 3
+def test_auto_takes_onnx_runtime_and_never_imports_mxnet():
+    code = (
+        "import sys, numpy as np, load_model; m = load_model.load(); "
+        "print(m.runtime.name, m.segment(np.zeros((32, 32), np.uint8)).shape, "
+        "'mxnet' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert out[-1] == "onnxruntime (32, 32) False"
 
 
-def test_every_slice_size_runs_on_one_frame_shape(model):
-    side = model.meta["frame_side"]
-    model.segment(np.zeros((120, 136), np.uint8))
-    executor, shapes = model.executors[(1, 1, side, side)], set(model.executors)
+def test_both_runtimes_give_the_logits_whose_softmax_mxnet_exported(model, mxnet_model):
+    batch = np.random.default_rng(0).random((2, 1, 64, 96), dtype=np.float32)
+    files = mxnet_model.files
+    as_exported = load_model.MxnetRuntime(files, mxnet_model.meta, rewrite=False).predict(batch)
+    assert np.allclose(as_exported.sum(axis=1), 1, atol=1e-4)  # the symbol ends in softmax
+    for runtime in (model, mxnet_model):
+        logits = runtime.predict(batch)
+        assert logits.shape == (2, 4, 64, 96) and logits.dtype == np.float32
+        assert np.abs(softmax(logits) - as_exported).max() < 1e-3
+    assert model.runtime.name == "onnxruntime" and mxnet_model.runtime.name == "mxnet"
+
+
+def test_runtimes_give_identical_masks_on_the_test_slices(model, mxnet_model, test_slices):
+    for name, slice_ in test_slices.items():
+        masks = model.segment(slice_), mxnet_model.segment(slice_)
+        assert agreement(*masks) >= 0.9999, name
+    side = model.meta["frame_side"]  # all frames in one batch: a dynamic batch size
+    frames = np.stack([processing.frame_slice(s, side)[0] for s in test_slices.values()])
+    logits = model.predict(frames[:, None]), mxnet_model.predict(frames[:, None])
+    print(f"largest |logit difference| {np.abs(logits[0] - logits[1]).max():.2e}")
+    assert agreement(logits[0].argmax(axis=1), logits[1].argmax(axis=1)) >= 0.9999
+
+
+def test_every_slice_size_runs_on_one_frame_shape(mxnet_model):
+    executors = mxnet_model.runtime.executors
+    side = mxnet_model.meta["frame_side"]
+    mxnet_model.segment(np.zeros((120, 136), np.uint8))
+    executor, shapes = executors[(1, 1, side, side)], set(executors)
     for width in range(16, 4096, 300):
-        model.segment(np.zeros((16, width), np.uint8))
-    assert set(model.executors) == shapes
-    assert model.executors[(1, 1, side, side)] is executor
+        mxnet_model.segment(np.zeros((16, width), np.uint8))
+    assert set(executors) == shapes
+    assert executors[(1, 1, side, side)] is executor
+
+
+def test_mxnet_runs_the_rewritten_graph(mxnet_model):
+    graph = json.loads(mxnet_model.runtime.symbol.tojson())
+    ops = {node["op"] for node in graph["nodes"]}
+    kinds = {n["attrs"]["act_type"] for n in graph["nodes"] if n["op"] == "LeakyReLU"}
+    assert kinds == {"leaky"} and not ops & {"softmax", "Dropout"}
 
 
 def test_highest_epoch_and_gluon_style_keys_load(tmp_path, model, t1_png):
@@ -53,16 +91,82 @@ def test_highest_epoch_and_gluon_style_keys_load(tmp_path, model, t1_png):
     loaded = load_model.load(str(folder))
     assert loaded.params_path.name == "seg-0012.params"
     assert loaded.meta["input_channels"] == 1 and loaded.meta["name"] == "unnamed-mxnet-model"
-    from processing import decode_png
+    assert loaded.runtime.name == "mxnet"  # no model.onnx in the folder
+    slice_ = processing.decode_png(t1_png)
+    assert agreement(loaded.segment(slice_), model.segment(slice_)) >= 0.9999
 
-    slice_ = decode_png(t1_png)
-    assert np.array_equal(loaded.segment(slice_), model.segment(slice_))
+
+def tiny_model(folder, channels, input_name="data"):
+    """A 3x3 convolution from `channels` inputs to 4 classes, saved as an MXNet checkpoint."""
+    folder.mkdir()
+    conv = mx.sym.Convolution(
+        mx.sym.var(input_name), num_filter=4, kernel=(3, 3), pad=(1, 1), name="conv"
+    )
+    conv.save(str(folder / "tiny-symbol.json"))
+    rng = np.random.default_rng(0)
+    weights = {
+        "arg:conv_weight": mx.nd.array(rng.normal(size=(4, channels, 3, 3))),
+        "arg:conv_bias": mx.nd.zeros(4),
+    }
+    mx.nd.save(str(folder / "tiny-0000.params"), weights)
+    return folder
 
 
 def test_shapes_file_sets_the_input_channels(tmp_path):
-    folder = copy_model(tmp_path / "m")
-    (folder / "model-shapes.json").write_text(json.dumps([{"name": "data", "shape": [1, 1, 8, 8]}]))
-    assert load_model.load(str(folder)).meta["input_channels"] == 1
+    folder = tiny_model(tmp_path / "rgb", channels=3)
+    with pytest.raises(load_model.ModelError, match=r"cannot take input \(1, 1, 256, 256\)"):
+        load_model.load(str(folder))  # taken as one channel without the file
+    (folder / "tiny-shapes.json").write_text(
+        json.dumps([{"name": "data", "shape": [1, 3, 32, 48]}])
+    )
+    loaded = load_model.load(str(folder))
+    assert loaded.meta["input_channels"] == 3
+    assert loaded.predict(np.ones((2, 3, 16, 24), np.float32)).shape == (2, 4, 16, 24)
+    side = loaded.meta["frame_side"]
+    assert list(loaded.runtime.executors) == [(1, 3, side, side), (2, 3, 16, 24)]
+
+
+def test_model_meta_wins_over_the_shapes_file(tmp_path):
+    folder = tiny_model(tmp_path / "rgb", channels=3, input_name="image")
+    (folder / "tiny-shapes.json").write_text(json.dumps([{"name": "x", "shape": [1, 1, 8, 8]}]))
+    (folder / "model-meta.json").write_text(
+        json.dumps({"input_name": "image", "input_channels": 3})
+    )
+    loaded = load_model.load(str(folder))
+    assert (loaded.meta["input_name"], loaded.meta["input_channels"]) == ("image", 3)
+
+
+def test_a_stale_model_onnx_is_not_served(tmp_path, caplog):
+    folder = copy_model(tmp_path / "retrained", onnx=True)
+    assert load_model.load(str(folder)).runtime.name == "onnxruntime"
+    params = mx.nd.load(str(folder / "model-0000.params"))
+    params["arg:conv89_weight"] *= 0.5  # stands in for new training
+    mx.nd.save(str(folder / "model-0000.params"), params)
+    with caplog.at_level("INFO", logger="segmentation.model"):
+        assert load_model.load(str(folder)).runtime.name == "mxnet"
+    assert "exported from other parameters" in caplog.text
+    with pytest.raises(load_model.ModelError, match="training.export_onnx"):
+        load_model.load(str(folder), runtime="onnxruntime")
+
+
+def test_an_unknown_runtime_is_refused():
+    with pytest.raises(load_model.ModelError, match="auto, onnxruntime, mxnet"):
+        load_model.load(runtime="tensorflow")
+
+
+def test_32_bit_arm_gets_a_message_not_a_traceback(tmp_path):
+    code = (
+        "import platform, sys; sys.modules['onnxruntime'] = sys.modules['mxnet'] = None; "
+        "platform.machine = lambda: 'armv7l'; import greengrassBrainSegmentationApp as app; "
+        "app.main(['--port', '0'])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: onnxruntime is not installed")
+    assert "32-bit ARM (armv7l)" in message and "64-bit Raspberry Pi OS" in message
 
 
 def test_corrupt_params_name_the_path(tmp_path):
@@ -108,7 +212,7 @@ def test_serving_needs_no_training_code_and_no_custom_op():
     ops = {node["op"] for node in graph["nodes"]}
     assert "Custom" not in ops and "Convolution" in ops
     code = (
-        "import sys, numpy as np, load_model; m = load_model.load(); "
+        "import sys, numpy as np, load_model; m = load_model.load(runtime='mxnet'); "
         "print(m.segment(np.zeros((32, 32), np.uint8)).shape); "
         "print(sorted(k for k in sys.modules if k.split('.')[0] == 'training'))"
     )
@@ -119,7 +223,5 @@ def test_serving_needs_no_training_code_and_no_custom_op():
 
 
 def test_mask_png_of_the_bundled_model_is_readable(model, t1_png):
-    from processing import decode_png, encode_mask
-
-    mask = model.segment(decode_png(t1_png))
-    assert np.array_equal(read_png(encode_mask(mask)), mask)
+    mask = model.segment(processing.decode_png(t1_png))
+    assert np.array_equal(read_png(processing.encode_mask(mask)), mask)

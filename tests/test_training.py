@@ -108,6 +108,7 @@ def test_a_short_run_learns_and_writes_the_sagemaker_layout(toy_volumes, tmp_pat
         "model-meta.json",
         "model-shapes.json",
         "model-symbol.json",
+        "model.onnx",
     ]
     meta = json.loads((tmp_path / "model" / "model-meta.json").read_text())
     assert meta["classes"][0] == "background" and meta["input_channels"] == 1
@@ -115,7 +116,10 @@ def test_a_short_run_learns_and_writes_the_sagemaker_layout(toy_volumes, tmp_pat
     assert meta["training"]["volumes"] == ["toy"] and meta["training"]["revision"]
     width, height, _, _ = png.Reader(filename=str(tmp_path / "output" / "curve.png")).read()
     assert width > 400 and height > 200
+    assert (meta["input_name"], meta["size_multiple"], meta["output"]) == ("data", 8, "logits")
+    assert "wrote model.onnx: ONNX Runtime vs MXNet: argmax equal on" in result.stdout
     loaded = load_model.load(str(tmp_path / "model"))
+    assert loaded.runtime.name == "onnxruntime"
     assert loaded.segment(np.zeros((40, 40), np.uint8)).shape == (40, 40)
 
 

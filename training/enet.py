@@ -114,13 +114,16 @@ class UpBottleneck(HybridBlock):
 
 
 class ENet(HybridBlock):
-    """ENet for (N, 1, H, W) float32 slices -> (N, classes, H, W) softmax probabilities.
+    """ENet for (N, in_channels, H, W) float32 slices -> (N, classes, H, W) softmax probabilities.
 
-    H and W must be multiples of 8.
+    H and W must be multiples of `size_multiple`: the encoder halves them three times.
     """
+
+    size_multiple = 8
 
     def __init__(self, classes=CLASSES, in_channels=1):
         super().__init__()
+        self.in_channels = in_channels
         self.initial = InitialBlock(in_channels)
         self.down1 = DownBottleneck(16, 64, 0.01)
         self.stage1 = nn.HybridSequential()

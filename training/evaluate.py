@@ -145,7 +145,8 @@ def predict_slices(net, slices, side=FRAME_SIDE):
     masks = []
     for s in slices:
         frame, geometry = frame_slice(s["raw"], side)
-        scores = net(mx.nd.array(frame[None, None])).asnumpy()[0]
+        batch = np.repeat(frame[None, None], net.in_channels, axis=1)
+        scores = net(mx.nd.array(batch)).asnumpy()[0]
         masks.append(mask_from_scores(scores, geometry))
     return masks
 

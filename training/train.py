@@ -25,8 +25,9 @@ import mxnet as mx
 import numpy as np
 from mxnet import autograd, gluon
 
+import load_model
 from processing import CLASS_NAMES, FRAME_SIDE, NORMALISATION, PALETTE
-from training import data
+from training import data, export_onnx
 from training.enet import ENet
 from training.evaluate import dice_scores, predict_slices, validation_slices
 from training.synth import SliceSampler
@@ -132,7 +133,7 @@ def train(args):
 
     net = ENet(len(CLASS_NAMES))
     net.initialize(mx.init.Xavier(magnitude=2.0))
-    net(mx.nd.zeros((1, 1, args.size, args.size)))
+    net(mx.nd.zeros((1, net.in_channels, args.size, args.size)))
     if args.init:
         load_init(net, args.init)
     total = args.epochs * args.iterations
@@ -274,31 +275,35 @@ def checkpoint(run_dir, net, trainer, state):
 
 
 def export(net, model_dir, args, scores, state):
-    """Export the symbol and params and the metadata JSON that `load_model.py` reads."""
+    """Export the symbol, params, metadata JSON and model.onnx that `load_model.py` reads."""
     epoch = state["epoch"] if args.export == "last" else state["best_epoch"]
     log(f"exporting epoch {epoch} to {model_dir}")
     model_dir.mkdir(parents=True, exist_ok=True)
     params = model_dir / "tmp-export.params"
     net.save_parameters(str(params))
-    inference = ENet(len(CLASS_NAMES))
+    inference = ENet(len(CLASS_NAMES), net.in_channels)
     inference.load_parameters(str(params))
     params.unlink()
     inference.hybridize()
-    inference(mx.nd.zeros((1, 1, 64, 64)))
+    side = args.frame_side  # what the server feeds it; the exported graph takes any size
+    inference(mx.nd.zeros((1, net.in_channels, side, side)))
     inference.export(str(model_dir / "model"))
+    input_name = mx.sym.load(str(model_dir / "model-symbol.json")).list_inputs()[0]
     (model_dir / "model-shapes.json").write_text(
-        json.dumps([{"name": "data", "shape": [1, 1, 256, 256]}])
+        json.dumps([{"name": input_name, "shape": [1, net.in_channels, side, side]}])
     )
     meta = {
         "name": "enet-brain-tissue",
         "architecture": "ENet (Paszke et al. 2016), MXNet Gluon export",
-        "input_name": "data",
-        "input_channels": 1,
-        "size_multiple": 8,
+        "input_name": input_name,
+        "input_channels": net.in_channels,
+        "size_multiple": net.size_multiple,
         "frame_side": args.frame_side,
         "classes": CLASS_NAMES,
         "colours": [list(c) for c in PALETTE],
         "normalisation": NORMALISATION,
+        # what model.onnx and the served MXNet graph output (export_onnx drops the softmax)
+        "output": "logits",
         "parameters": sum(int(np.prod(p.shape)) for p in net.collect_params().values()),
         "training": {
             "command": "python -m training.train " + " ".join(sys.argv[1:]),
@@ -323,6 +328,11 @@ def export(net, model_dir, args, scores, state):
         "validation_dice": {k: round(float(v), 4) for k, v in scores.items()},
     }
     (model_dir / "model-meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    try:
+        onnx_path, report = export_onnx.export(model_dir)
+        log(f"wrote {onnx_path.name}: {export_onnx.describe(report)}")
+    except export_onnx.ExportError as error:  # the server then runs the model with MXNet
+        log(f"warning: no {load_model.ONNX_NAME} for epoch {epoch}: {error}")
 
 
 def plot_curve(history, path):
