@@ -2,11 +2,15 @@
 
 import io
 import json
+import re
+import subprocess
+import sys
 import tarfile
 
 import boto3
 import moto
 import pytest
+from conftest import ROOT
 
 from training import sagemaker_job
 
@@ -54,9 +58,14 @@ def test_launch_uploads_code_and_data_and_starts_a_script_mode_job(aws, tmp_path
     code_key = next(k for k in keys if k.endswith("sourcedir.tar.gz"))
     archive = s3.get_object(Bucket="brains", Key=code_key)["Body"].read()
     names = tarfile.open(fileobj=io.BytesIO(archive)).getnames()
-    assert {"training/train.py", "training/enet.py", "processing.py", "requirements.txt"} <= set(
-        names
-    )
+    assert {
+        "training/train.py",
+        "training/enet.py",
+        "training/export_onnx.py",
+        "processing.py",
+        "load_model.py",
+        "requirements.txt",
+    } <= set(names)
 
     described = sagemaker.describe_training_job(TrainingJobName=job["job"])
     params = {k: json.loads(v) for k, v in described["HyperParameters"].items()}
@@ -66,3 +75,29 @@ def test_launch_uploads_code_and_data_and_starts_a_script_mode_job(aws, tmp_path
     assert "mxnet-training:1.9.0" in described["AlgorithmSpecification"]["TrainingImage"]
     assert described["ResourceConfig"]["InstanceCount"] == 2
     assert job["model"].endswith(f"/output/{job['job']}/output/model.tar.gz")
+
+
+def test_the_training_image_can_install_the_job_requirements(tmp_path):
+    python = ".".join(re.search(r"-py(\d)(\d+)", sagemaker_job.IMAGE).groups())
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text(sagemaker_job.image_requirements())
+    pins = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "requirements_for.py"), "--python", python,
+         "--machine", "x86_64", str(requirements)],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert {p.split("==")[0] for p in pins} >= {"numpy", "onnxruntime", "scipy", "onnx"}
+    # pip resolves the whole dependency tree from PyPI for that Python without installing
+    # anything; --isolated keeps this machine's extra package folders out of the answer.
+    report = tmp_path / "report.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "--isolated", "--disable-pip-version-check", "install",
+         "--dry-run", "--ignore-installed", "--quiet", "--only-binary=:all:",
+         "--python-version", python, "--implementation", "cp",
+         "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_28_x86_64",
+         "--target", str(tmp_path / "target"), "--report", str(report), *pins],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    resolved = {i["metadata"]["name"].lower() for i in json.loads(report.read_text())["install"]}
+    assert {p.split("==")[0].lower() for p in pins} <= resolved

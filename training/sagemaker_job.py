@@ -15,7 +15,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# The last MXNet training image; its Python 3.8 is why requirements-train.txt pins releases
+# that still support 3.8 (tests/test_sagemaker_job.py resolves them for the Python named here).
 IMAGE = "763104351884.dkr.ecr.{region}.amazonaws.com/mxnet-training:1.9.0-cpu-py38"
+# From requirements.txt: numpy as the server pins it (the image's MXNet needs numpy < 1.24),
+# and ONNX Runtime, with which the export checks model.onnx.
+SERVING_PINS = ("numpy", "onnxruntime")
 ENTRY_POINT = "training/train.py"
 PASSED_FLAGS = ("epochs", "iterations", "batch_size", "size", "lr", "hold_out", "source")
 
@@ -106,14 +111,28 @@ def launch(args, s3, sagemaker, region):
 
 
 def source_archive():
-    """sourcedir.tar.gz: the training package, processing.py, and requirements the image lacks."""
+    """sourcedir.tar.gz: the training package, the modules it imports, the requirements."""
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w:gz") as tar:
-        for path in sorted((ROOT / "training").glob("*.py")) + [ROOT / "processing.py"]:
+        modules = [ROOT / "processing.py", ROOT / "load_model.py"]
+        for path in sorted((ROOT / "training").glob("*.py")) + modules:
             tar.add(path, arcname=path.relative_to(ROOT).as_posix())
-        # The MXNet image has mxnet and numpy; it pip-installs a requirements.txt it finds here.
-        tar.add(ROOT / "requirements-train.txt", arcname="requirements.txt")
+        # The MXNet image has mxnet; it pip-installs a requirements.txt it finds here.
+        data = image_requirements().encode()
+        info = tarfile.TarInfo("requirements.txt")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
     return out.getvalue()
+
+
+def image_requirements():
+    """What the image installs: requirements-train.txt and the SERVING_PINS lines."""
+    serving = [
+        line
+        for line in (ROOT / "requirements.txt").read_text().splitlines()
+        if line.split("==")[0] in SERVING_PINS
+    ]
+    return "\n".join(serving) + "\n" + (ROOT / "requirements-train.txt").read_text()
 
 
 if __name__ == "__main__":
