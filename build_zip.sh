@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build dist/greengrassBrainSegmentation.zip: the app and its pure-Python dependencies at the top
 # level, ready for a Greengrass V1 Lambda, a Greengrass V2 component or a plain unzip on a Pi.
-# MXNet and numpy are native and are installed on the device unless --with-native adds them.
+# ONNX Runtime and numpy are native and are installed on the device unless --with-native adds
+# them.
 # Same inputs give the same bytes: fixed timestamps and permissions, sorted entries.
 set -euo pipefail
 
@@ -11,11 +12,9 @@ APP_FILES=(greengrassBrainSegmentationApp.py load_model.py processing.py)
 # Pure-Python packages that travel in the zip; their versions come from requirements.txt.
 PURE=(flask werkzeug jinja2 markupsafe itsdangerous click blinker waitress greengrasssdk cbor2
       pypng)
-NATIVE=(mxnet numpy)
-# mxnet imports requests at import time; these are it and its dependencies, pinned here
-# because the device gets them from pip as mxnet's dependencies, not from requirements.txt.
-NATIVE_EXTRAS=(requests==2.34.2 urllib3==2.8.0 idna==3.20 charset-normalizer==3.5.3
-               certifi==2026.10.19.post1 graphviz==0.8.4)
+# What the server imports besides the zip (`import onnxruntime` needs nothing more), at the
+# versions requirements.txt gives for the target Python and machine.
+NATIVE=(onnxruntime numpy)
 # A Raspberry Pi OS 64-bit device. The pure layer is resolved for it too, so the zip does not
 # depend on the build machine (compiled speedups are dropped anyway).
 TARGET_PLATFORM=manylinux2014_aarch64
@@ -30,8 +29,8 @@ usage: ./build_zip.sh [--with-model] [--with-native PLATFORM] [--out DIR]
 
 Builds DIR/$NAME.zip (DIR defaults to dist/).
   --with-model            add model/segmentation-net/ so the device needs no ML resource
-  --with-native PLATFORM  add mxnet and numpy (and requests, which mxnet imports) for
-                          PLATFORM and Python $TARGET_PYTHON, e.g. manylinux2014_aarch64
+  --with-native PLATFORM  add onnxruntime and numpy for PLATFORM and Python $TARGET_PYTHON,
+                          e.g. manylinux_2_28_aarch64 (glibc 2.28+: Raspberry Pi OS 11 and 12)
   --out DIR               write the zip into DIR instead of dist/
 Environment: PYTHON, the python3 whose pip fetches the packages (default: python3).
 EOF
@@ -45,7 +44,7 @@ while [ $# -gt 0 ]; do
         --with-model) with_model=1 ;;
         --with-native)
             [ $# -ge 2 ] && [ -n "$2" ] && [ "${2#-}" = "$2" ] \
-                || die "--with-native needs a platform, e.g. manylinux2014_aarch64"
+                || die "--with-native needs a platform, e.g. manylinux_2_28_aarch64"
             platform=$2; shift ;;
         --out)
             [ $# -ge 2 ] && [ -n "$2" ] && [ "${2#-}" = "$2" ] || die "--out needs a directory"
@@ -86,13 +85,31 @@ compiled=$(cd "$stage/pure" && find . -name '*.so' -o -name '*.so.*' -o -name '*
 [ -z "$compiled" ] || die "unexpected compiled files in the pure-Python layer: $compiled"
 
 if [ -n "$platform" ]; then
+    case "$platform" in
+        manylinux*_aarch64) machine=aarch64 ;;
+        manylinux*_x86_64) machine=x86_64 ;;
+        *) die "--with-native: '$platform' is not a manylinux aarch64 or x86_64 platform" ;;
+    esac
+    # requirements.txt's markers pick the pins for the target, not for this machine.
+    target_pins=$("$PYTHON" "$ROOT/tools/requirements_for.py" --python "$TARGET_PYTHON" \
+        --machine "$machine" "$ROOT/requirements.txt") || die "cannot read requirements.txt"
     native_pins=()
-    for name in "${NATIVE[@]}"; do native_pins+=("$(pin "$name")"); done
-    echo "fetching ${native_pins[*]} ${NATIVE_EXTRAS[*]} for $platform"
+    for name in "${NATIVE[@]}"; do
+        line=$(grep -m 1 -iE "^$name==" <<<"$target_pins") \
+            || die "requirements.txt has no $name pin for $machine and Python $TARGET_PYTHON"
+        native_pins+=("$line")
+    done
+    echo "fetching ${native_pins[*]} for $platform"
+    # A glibc new enough for $platform also runs the older manylinux2014 wheels (numpy's).
     # pip install --target with --platform is pip download plus a correct unpack of each wheel.
     "$PYTHON" -m pip install "${pip_quiet[@]}" --no-deps --no-compile --only-binary=:all: \
-        --platform "$platform" --python-version "$TARGET_PYTHON" --implementation cp \
-        --target "$stage/native" "${native_pins[@]}" "${NATIVE_EXTRAS[@]}"
+        --platform "$platform" --platform "manylinux2014_$machine" \
+        --python-version "$TARGET_PYTHON" --implementation cp \
+        --target "$stage/native" "${native_pins[@]}" \
+        || die "pip found no ${native_pins[*]} wheels for $platform (onnxruntime's aarch64 \
+wheels need manylinux_2_28_aarch64)"
+    # The C API library: the Python binding has its own copy and never loads it (26 MB).
+    rm -f "$stage"/native/onnxruntime/capi/libonnxruntime.so*
 fi
 
 mkdir -p "$out"

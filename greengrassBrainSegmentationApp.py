@@ -8,7 +8,8 @@ Three ways to run the same code:
   module with MY_FUNCTION_ARN set; the import starts the server once in a background thread
   and returns at once. `lambda_handler` reports the server's status, or segments an image
   sent in the event.
-- Standalone: `python greengrassBrainSegmentationApp.py [--host H] [--port P] [--model-dir D]`.
+- Standalone: `python greengrassBrainSegmentationApp.py [--host H] [--port P] [--model-dir D]
+  [--runtime R]`; `--check` only loads the model, runs it once and says what runs it.
 - In tests: `create_app(settings)` builds a fresh app; `start_server(settings)` serves it.
 """
 
@@ -565,6 +566,11 @@ def main(argv=None):
         choices=load_model.RUNTIMES,
         help="what runs the network (RUNTIME, default auto: ONNX Runtime if it can, else MXNet)",
     )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="load the model, run it once, say what runs it and exit (0: it would serve)",
+    )
     args = parser.parse_args(argv)
     settings = Settings.from_env(
         host=args.host,
@@ -576,8 +582,15 @@ def main(argv=None):
     )
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(message)s")
     app = create_app(settings)
-    if app.extensions["segmentation"]["model"] is None:
+    model = app.extensions["segmentation"]["model"]
+    if model is None:
         sys.exit(f"error: {app.extensions['segmentation']['error']}")
+    if args.check:  # the Greengrass V2 recipe's Install step: fail the deployment, not the service
+        print(
+            f"ok: {model.meta['name']} ({model.model_id}) from {model.directory} runs with "
+            f"{model.runtime.name}"
+        )
+        return
     try:
         server = start_server(settings, app)
     except OSError as error:

@@ -222,6 +222,9 @@ class OnnxRuntime:
             raise RuntimeUnavailable(f"onnxruntime is not installed ({error})") from error
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3  # warnings about unused initializers are not news
+        # Worker threads that spin between operators lose their core when anything else runs
+        # (here a 2-thread pass then took twice as long); sleeping costs little when idle.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = onnxruntime.InferenceSession(
                 str(files.onnx), options, providers=["CPUExecutionProvider"]

@@ -33,18 +33,8 @@ PURE_PACKAGES = {
     "greengrasssdk",
     "cbor2",
 }
-# What `import mxnet` needs besides the zip: mxnet, numpy with its bundled libraries, and
-# requests, which mxnet.gluon imports at import time.
-NATIVE = [
-    "mxnet",
-    "numpy",
-    "numpy.libs",
-    "requests",
-    "urllib3",
-    "idna",
-    "charset_normalizer",
-    "certifi",
-]
+# What the server needs besides the zip: ONNX Runtime and numpy with its bundled libraries.
+NATIVE = ["onnxruntime", "numpy", "numpy.libs"]
 
 # Loads the handler module the way the Greengrass Python runtime does, then stays alive as a
 # pinned Lambda's process does. argv: the code folder, then the folder with the native packages.
@@ -96,8 +86,8 @@ def unzipped(zips, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def native_dir(tmp_path_factory):
-    """A folder holding links to only mxnet, numpy and what they import, nothing else."""
-    site_packages = Path(importlib.util.find_spec("mxnet").origin).parent.parent
+    """A folder holding links to only onnxruntime and numpy, nothing else."""
+    site_packages = Path(importlib.util.find_spec("onnxruntime").origin).parent.parent
     folder = tmp_path_factory.mktemp("native")
     for name in NATIVE:
         (folder / name).symlink_to(site_packages / name)
@@ -170,7 +160,7 @@ def test_zip_holds_the_app_and_pure_python_dependencies_only(zips):
     names = [info.filename for info in infos]
     top = {name.split("/")[0] for name in names}
     assert APP_MODULES | PURE_PACKAGES <= top
-    assert not top & {"mxnet", "numpy", "numpy.libs", "model", "bin"}
+    assert not top & {"mxnet", "onnxruntime", "numpy", "numpy.libs", "model", "bin"}
     assert not [n for n in names if re.search(r"\.(so|pyd|pyc|dylib)$|\.so\.", n)]
     assert not [n for n in names if "__pycache__" in n.split("/")]
     assert "markupsafe/_native.py" in names  # the pure fallback for the dropped speedups
@@ -199,7 +189,6 @@ def test_unzipped_package_serves_as_a_greengrass_lambda(unzipped, native_dir, t1
         "MY_FUNCTION_ARN": ARN,
         "PORT": str(port),
         "HOST": "127.0.0.1",
-        "MXNET_ENGINE_TYPE": "NaiveEngine",
         "API_TOKEN": "package-test",
     }
     # -I -S: no user or venv site-packages, no PYTHON* variables; the paths come in argv.
@@ -215,7 +204,7 @@ def test_unzipped_package_serves_as_a_greengrass_lambda(unzipped, native_dir, t1
         assert (status, content_type) == (200, "image/png")
         assert read_png(body).shape == read_png(t1_png).shape
         facts = health(url)
-        assert inside(facts["model_dir"], unzipped)
+        assert inside(facts["model_dir"], unzipped) and facts["runtime"] == "onnxruntime"
 
         report = json.loads(log_path.read_text().splitlines()[0])
         assert inside(report["flask"], unzipped)
@@ -238,12 +227,65 @@ def test_recipe_names_the_zip_and_the_native_pins():
     assert artifact["URI"].endswith("/" + ZIP_NAME)
     assert artifact["Unarchive"] == "ZIP"
     requirements = (ROOT / "requirements.txt").read_text()
-    for package in ("mxnet", "numpy"):
-        pin = re.search(rf"^{package}==\S+", requirements, re.M).group(0)
-        assert pin in manifest["Lifecycle"]["Install"]["Script"]
+    install = manifest["Lifecycle"]["Install"]["Script"]
+    pins = re.findall(r"^(?:onnxruntime|numpy)==.*$", requirements, re.M)
+    assert len(pins) == 3 and all(pin in install for pin in pins)
+    assert "mxnet" not in install
     run = manifest["Lifecycle"]["Run"]
     assert "{artifacts:decompressedPath}/greengrassBrainSegmentation/" in run
     assert "{configuration:/Port}" in run and "{configuration:/ModelDir}" in run
+
+
+@pytest.mark.parametrize("runtime_there", [True, False])
+def test_recipe_install_step_fails_the_deployment_without_the_runtime(
+    runtime_there, unzipped, native_dir, tmp_path
+):
+    install = yaml.safe_load(RECIPE.read_text())["Manifests"][0]["Lifecycle"]["Install"]
+    # The venv the step makes, with pip's part done: native packages only (or none).
+    venv = tmp_path / "work" / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site_packages = next(venv.glob("lib/python3*/site-packages"))
+    native = native_dir
+    if not runtime_there:  # numpy installed, onnxruntime not (no wheel for this device)
+        native = tmp_path / "numpy-only"
+        native.mkdir()
+        for name in ("numpy", "numpy.libs"):
+            (native / name).symlink_to((native_dir / name).resolve())
+    (site_packages / "native.pth").write_text(str(native))
+    script = install["Script"].split(" && ", 2)[2]  # after the venv and pip install steps
+    script = (
+        script.replace("{work:path}", str(tmp_path / "work"))
+        .replace("{artifacts:decompressedPath}", str(unzipped.parent))
+        .replace("{configuration:/ModelDir}", "")
+    )
+    result = subprocess.run(
+        ["sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
+    if runtime_there:
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.startswith("ok: ") and "runs with onnxruntime" in result.stdout
+        assert str(unzipped / "model" / "segmentation-net") in result.stdout
+    else:
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert "error: onnxruntime is not installed" in result.stderr
+
+
+def test_with_native_packs_onnxruntime_for_the_pi_not_mxnet(tmp_path):
+    result = build(tmp_path, "--with-native", "manylinux_2_28_aarch64")
+    assert result.returncode == 0, result.stderr
+    size = (tmp_path / ZIP_NAME).stat().st_size
+    assert size < 35 * 2**20  # the console's direct-upload limit is 50 MB
+    with zipfile.ZipFile(tmp_path / ZIP_NAME) as archive:
+        names = archive.namelist()
+    top = {name.split("/")[0] for name in names}
+    assert {"onnxruntime", "numpy", "numpy.libs"} <= top and "mxnet" not in top
+    assert "onnxruntime/capi/onnxruntime_pybind11_state.cpython-311-aarch64-linux-gnu.so" in names
+    assert not [n for n in names if "x86_64" in n]
+    print(f"\nnative zip for the Pi: {size / 2**20:.2f} MB")
 
 
 def test_recipe_run_step_serves(unzipped, tmp_path):

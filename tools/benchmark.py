@@ -1,11 +1,16 @@
-"""Measure the service: start-to-healthy, latency for a 256x256 slice, forward pass, peak RSS.
+"""Measure the runtimes side by side and the service over HTTP, in one run.
 
-    python tools/benchmark.py [--requests 30] [--model-dir model/segmentation-net]
+    python tools/benchmark.py [--repeats 30] [--requests 30] [--model-dir model/segmentation-net]
 
-Starts the standalone server as a subprocess on a free port, as a user would, and talks HTTP.
+Prints a table: ms per 256x256 slice (median and p90) at batch 1 and batch 8 for MXNet as
+exported (PReLU, softmax), MXNet rewritten (LeakyReLU, no softmax) and ONNX Runtime; then
+the standalone server (started as a user would, on a free port): start to healthy, end to
+end over HTTP, the forward pass inside it and what HTTP adds, peak RSS. Each runtime is
+timed in its own process, so that one's threads never compete with another's.
 """
 
 import argparse
+import io
 import json
 import os
 import socket
@@ -24,38 +29,96 @@ sys.path.insert(0, str(ROOT))
 import load_model  # noqa: E402
 import processing  # noqa: E402
 
+SIDE = 256
+BATCHES = (1, 8)
+ROWS = [
+    ("mxnet-exported", "MXNet as exported (PReLU, softmax)"),
+    ("mxnet", "MXNet rewritten (LeakyReLU, no softmax)"),
+    ("onnxruntime", "ONNX Runtime (BN folded, LeakyReLU, no softmax)"),
+]
+
 
 def main(argv=None):
-    """Print the figures the README quotes."""
+    """Print the runtime table and the HTTP figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=30, help="timed passes per batch size")
+    parser.add_argument("--requests", type=int, default=30, help="timed HTTP requests")
     parser.add_argument("--model-dir", default=str(load_model.BUNDLED_PATH))
+    parser.add_argument("--forward", choices=[key for key, _ in ROWS], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    slice_png = test_slice(256)
+    if args.forward:  # the child process that times one runtime
+        print(json.dumps(forward_pass_ms(args.forward, args.model_dir, args.repeats)))
+        return
+    print(f"{cpu_name()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
+    results = {key: time_in_child(key, args) for key, _ in ROWS}
+    print_table(results)
+    print_http(http_figures(args.model_dir, args.requests), results["onnxruntime"])
+
+
+def time_in_child(key, args):
+    """{batch: [ms per slice, ...]} for one runtime, measured in a fresh process."""
+    command = [sys.executable, __file__, "--forward", key, "--model-dir", args.model_dir]
+    command += ["--repeats", str(args.repeats)]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return {int(batch): times for batch, times in json.loads(out.splitlines()[-1]).items()}
+
+
+def forward_pass_ms(key, model_dir, repeats):
+    """{batch: ms per slice of each timed pass} for the real slice, framed to SIDE x SIDE."""
+    directory = Path(model_dir)
+    files = load_model.find_files(directory)
+    meta = load_model.read_meta(directory, files.shapes)
+    if key == "onnxruntime":
+        runtime = load_model.OnnxRuntime(files, meta, load_model.file_id(files.params))
+    else:
+        runtime = load_model.MxnetRuntime(files, meta, rewrite=key == "mxnet")
+    frame = processing.normalise(framed_slice())[None, None]
+    frame = np.repeat(frame, meta["input_channels"], axis=1)
+    times = {}
+    for batch in BATCHES:
+        inputs = np.ascontiguousarray(np.repeat(frame, batch, axis=0))
+        for _ in range(3):
+            runtime.predict(inputs)  # bind, plan memory, warm caches
+        times[batch] = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            runtime.predict(inputs)
+            times[batch].append((time.perf_counter() - started) * 1000 / batch)
+    return times
+
+
+def print_table(results):
+    """The side-by-side table, markdown, as the README shows it."""
+    print()
+    print("| runtime | b1 median | b1 p90 | b8 median | b8 p90 |")
+    print("| --- | --- | --- | --- | --- |")
+    for key, label in ROWS:
+        cells = []
+        for batch in BATCHES:
+            cells += [f"{statistics.median(results[key][batch]):.1f}"]
+            cells += [f"{np.percentile(results[key][batch], 90):.1f}"]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    print("(ms per 256x256 slice)")
+
+
+def http_figures(model_dir, requests):
+    """Start the standalone server, time /health and POSTs of the framed slice, peak RSS."""
+    body = png_bytes(framed_slice())
     port = free_port()
     began = time.perf_counter()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "greengrassBrainSegmentationApp.py"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--model-dir",
-            args.model_dir,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    command = [sys.executable, str(ROOT / "greengrassBrainSegmentationApp.py"), "--host"]
+    command += ["127.0.0.1", "--port", str(port), "--model-dir", model_dir]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}"
         healthy = wait_healthy(url) - began
+        with urllib.request.urlopen(url + "/health") as response:
+            runtime = json.loads(response.read())["runtime"]
         end_to_end, inference = [], []
-        for _ in range(args.requests + 2):
+        for _ in range(requests + 2):
             started = time.perf_counter()
             request = urllib.request.Request(
-                url + "/", data=slice_png, method="POST", headers={"Content-Type": "image/png"}
+                url + "/", data=body, method="POST", headers={"Content-Type": "image/png"}
             )
             with urllib.request.urlopen(request) as response:
                 response.read()
@@ -65,52 +128,51 @@ def main(argv=None):
     finally:
         server.terminate()
         server.wait()
-    forward = forward_pass_ms(args.model_dir, args.requests)
-    report = {
-        "cpu": cpu_name(),
-        "cores": os.cpu_count(),
-        "requests": args.requests,
-        "start_to_healthy_s": round(healthy, 2),
-        "http_end_to_end_ms_median": round(statistics.median(end_to_end[2:]), 1),
-        "http_end_to_end_ms_p90": round(float(np.percentile(end_to_end[2:], 90)), 1),
-        "server_inference_ms_median": round(statistics.median(inference[2:]), 1),
-        "forward_pass_ms_median": round(statistics.median(forward), 1),
-        "server_peak_rss_mb": rss,
+    return {
+        "runtime": runtime,
+        "healthy_s": healthy,
+        "end_to_end": end_to_end[2:],
+        "inference": inference[2:],
+        "rss_mb": rss,
     }
-    print(json.dumps(report, indent=2))
 
 
-def test_slice(side):
-    """The repository's real T1 test slice, centre-cropped/padded to side x side, as PNG."""
+def print_http(http, onnx_times):
+    """The server's figures; HTTP overhead = end to end minus the bare forward pass."""
+    forward = statistics.median(onnx_times[1])
+    end_to_end = statistics.median(http["end_to_end"])
+    print()
+    print(f"server ({http['runtime']}), {len(http['end_to_end'])} requests of a 256x256 PNG:")
+    print(f"  start to healthy                 {http['healthy_s']:.2f} s")
+    print(
+        f"  end to end over HTTP, median/p90 {end_to_end:.1f} / "
+        f"{np.percentile(http['end_to_end'], 90):.1f} ms"
+    )
+    print(f"  X-Inference-Ms (segment), median {statistics.median(http['inference']):.1f} ms")
+    print(f"  HTTP, decode and encode add      {end_to_end - forward:.1f} ms to the forward pass")
+    print(f"  server peak RSS                  {http['rss_mb']} MB")
+
+
+def framed_slice():
+    """The repository's real T1 test slice, centre-cropped or padded to SIDE x SIDE."""
     slice_ = processing.decode_png(
         (ROOT / "tests" / "data" / "icbm2009a_axial100.png").read_bytes()
     )
-    canvas = np.zeros((side, side), slice_.dtype)
-    h, w = min(side, slice_.shape[0]), min(side, slice_.shape[1])
+    canvas = np.zeros((SIDE, SIDE), slice_.dtype)
+    h, w = min(SIDE, slice_.shape[0]), min(SIDE, slice_.shape[1])
     top, left = (slice_.shape[0] - h) // 2, (slice_.shape[1] - w) // 2
-    canvas[(side - h) // 2 : (side - h) // 2 + h, (side - w) // 2 : (side - w) // 2 + w] = slice_[
-        top : top + h, left : left + w
-    ]
-    import io
+    y, x = (SIDE - h) // 2, (SIDE - w) // 2
+    canvas[y : y + h, x : x + w] = slice_[top : top + h, left : left + w]
+    return canvas
 
+
+def png_bytes(slice_):
+    """An 8-bit greyscale PNG of an (H, W) uint8 array."""
     import png
 
     out = io.BytesIO()
-    png.from_array(canvas, "L").write(out)
+    png.from_array(slice_, "L").write(out)
     return out.getvalue()
-
-
-def forward_pass_ms(model_dir, repeats):
-    """Median milliseconds of the forward pass alone for a (1, 1, 256, 256) batch."""
-    model = load_model.load(model_dir)
-    batch = np.random.default_rng(0).random((1, 1, 256, 256), dtype=np.float32)
-    model.predict(batch)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        model.predict(batch)
-        times.append((time.perf_counter() - started) * 1000)
-    return times
 
 
 def wait_healthy(url, timeout=120):
@@ -122,7 +184,7 @@ def wait_healthy(url, timeout=120):
                 if response.status == 200:
                     return time.perf_counter()
         except OSError:
-            time.sleep(0.05)
+            time.sleep(0.02)
     raise SystemExit(f"error: {url} did not become healthy in {timeout} s")
 
 
@@ -143,6 +205,7 @@ def cpu_name():
 
 
 def free_port():
+    """A TCP port nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
