@@ -50,12 +50,17 @@ printf 'Hardware\t: BCM2835\nRevision\t: c03111\nModel\t\t: Raspberry Pi 4 Model
 mount --bind "$cpuinfo" "$ROOTFS/proc/cpuinfo" && mounted+=("$ROOTFS/proc/cpuinfo")
 mount --bind /dev "$ROOTFS/dev" && mounted+=("$ROOTFS/dev")
 cp /etc/resolv.conf "$ROOTFS/etc/resolv.conf"
+# pip in the guest trusts what this machine trusts (a proxy's own CA, for instance).
+cp /etc/ssl/certs/ca-certificates.crt "$ROOTFS/etc/ssl/certs/host-ca-certificates.crt"
 
 echo "copying the app, the bundled model and requirements.txt into $ROOTFS/opt/app"
 rm -rf "$ROOTFS/opt/app" && mkdir -p "$ROOTFS/opt/app"
 (cd "$ROOT" && cp -r greengrassBrainSegmentationApp.py load_model.py processing.py requirements.txt \
     model "$ROOTFS/opt/app/")
-in_guest() { chroot "$ROOTFS" /usr/bin/env -i PATH=/usr/bin:/bin HOME=/root "$@"; }
+in_guest() {
+    chroot "$ROOTFS" /usr/bin/env -i PATH=/usr/bin:/bin HOME=/root \
+        PIP_CERT=/etc/ssl/certs/host-ca-certificates.crt "$@"
+}
 echo "guest: $(in_guest uname -m), $(in_guest python3 --version)"
 [ -x "$ROOTFS/opt/venv/bin/python" ] || in_guest python3 -m venv /opt/venv
 started=$(date +%s)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 import load_model  # noqa: E402
 import processing  # noqa: E402
 
-SIDE = 256
+SIDE = processing.FRAME_SIDE
 BATCHES = (1, 8)
 ROWS = [
     ("mxnet-exported", "MXNet as exported (PReLU, softmax)"),
@@ -72,7 +72,7 @@ def forward_pass_ms(key, model_dir, repeats):
         runtime = load_model.OnnxRuntime(files, meta, load_model.file_id(files.params))
     else:
         runtime = load_model.MxnetRuntime(files, meta, rewrite=key == "mxnet")
-    frame = processing.normalise(framed_slice())[None, None]
+    frame = processing.frame_slice(framed_slice(), SIDE)[0][None, None]
     frame = np.repeat(frame, meta["input_channels"], axis=1)
     times = {}
     for batch in BATCHES:
