@@ -57,10 +57,9 @@ echo "copying the app, the bundled model and requirements.txt into $ROOTFS/opt/a
 rm -rf "$ROOTFS/opt/app" && mkdir -p "$ROOTFS/opt/app"
 (cd "$ROOT" && cp -r greengrassBrainSegmentationApp.py load_model.py processing.py requirements.txt \
     model "$ROOTFS/opt/app/")
-in_guest() {
-    chroot "$ROOTFS" /usr/bin/env -i PATH=/usr/bin:/bin HOME=/root \
-        PIP_CERT=/etc/ssl/certs/host-ca-certificates.crt "$@"
-}
+guest_env=(/usr/bin/env -i PATH=/usr/bin:/bin HOME=/root
+           PIP_CERT=/etc/ssl/certs/host-ca-certificates.crt)
+in_guest() { chroot "$ROOTFS" "${guest_env[@]}" "$@"; }
 echo "guest: $(in_guest uname -m), $(in_guest python3 --version)"
 [ -x "$ROOTFS/opt/venv/bin/python" ] || in_guest python3 -m venv /opt/venv
 started=$(date +%s)
@@ -69,7 +68,10 @@ echo "pip install -r requirements.txt: $(($(date +%s) - started)) s; installed:"
 in_guest /opt/venv/bin/pip list --disable-pip-version-check 2>/dev/null \
     | grep -iE '^(onnxruntime|numpy|mxnet) ' || true
 
-in_guest /opt/venv/bin/python /opt/app/greengrassBrainSegmentationApp.py \
+"$HOST_PYTHON" -c "import socket; socket.create_server(('127.0.0.1', $PORT)).close()" \
+    2>/dev/null || die "port $PORT is taken (PORT=... to use another)"
+# chroot and env exec in place, so $! is the guest server itself and cleanup can end it.
+chroot "$ROOTFS" "${guest_env[@]}" /opt/venv/bin/python /opt/app/greengrassBrainSegmentationApp.py \
     --host 127.0.0.1 --port "$PORT" > "$ROOTFS/tmp/server.log" 2>&1 &
 server=$!
 "$HOST_PYTHON" - "$ROOT" "$PORT" "$SLICE" "$ROOTFS/tmp/server.log" <<'PY'
@@ -79,6 +81,7 @@ from pathlib import Path
 
 root, port, slice_path, log_path = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 sys.path.insert(0, str(root))
+import numpy as np, png  # noqa: E402
 import load_model, processing  # noqa: E402
 
 url = f"http://127.0.0.1:{port}"
@@ -97,7 +100,8 @@ data = (root / slice_path).read_bytes()
 request = urllib.request.Request(url + "/segment", data=data, headers={"Content-Type": "image/png"})
 with urllib.request.urlopen(request, timeout=600) as response:
     guest_png, headers = response.read(), response.headers
-guest = processing.decode_png(guest_png)
+width, height, rows, _ = png.Reader(bytes=guest_png).read()  # palette indices = classes
+guest = np.vstack([np.asarray(row, np.uint8) for row in rows]).reshape(height, width)
 model = load_model.load(str(load_model.BUNDLED_PATH))
 host = model.segment(processing.decode_png(data))
 same = float((guest == host).mean())
