@@ -21,9 +21,9 @@ def pins(python, machine, path=ROOT / "requirements.txt"):
 @pytest.mark.parametrize(
     "python, machine, onnxruntime, mxnet",
     [
-        ("3.11", "aarch64", "1.32.0", None),  # Raspberry Pi OS 64-bit (bookworm)
+        ("3.11", "aarch64", "1.28.0", None),  # Raspberry Pi OS 64-bit (bookworm)
         ("3.8", "aarch64", "1.19.2", None),  # Greengrass V1 on a 64-bit Pi
-        ("3.11", "x86_64", "1.32.0", "1.9.1"),
+        ("3.11", "x86_64", "1.28.0", "1.9.1"),
         ("3.8", "x86_64", "1.19.2", "1.9.1"),
         ("3.11", "armv7l", None, None),  # 32-bit Pi OS: the server starts and says what to do
     ],
