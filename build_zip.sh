@@ -7,7 +7,7 @@ set -euo pipefail
 
 NAME=greengrassBrainSegmentation
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-APP_FILES=(greengrassBrainSegmentationApp.py load_model.py processing.py volumes.py qc.py)
+APP_FILES=(greengrassBrainSegmentationApp.py load_model.py processing.py volumes.py qc.py page.html)
 # Pure-Python packages that travel in the zip; their versions come from requirements.txt.
 PURE=(flask werkzeug jinja2 markupsafe itsdangerous click blinker waitress greengrasssdk cbor2
       pypng nibabel packaging importlib-resources typing-extensions pydicom)

@@ -25,6 +25,7 @@ import time
 import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 from flask import Flask, Request, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -36,6 +37,7 @@ import volumes
 
 log = logging.getLogger("segmentation.app")
 VERSION = "1.0.0"
+PAGE = Path(__file__).resolve().parent / "page.html"  # the browser page for GET /
 
 
 @dataclass
@@ -165,19 +167,47 @@ def create_app(settings=None, model=None, publisher=None):
             return state["error"]
         return "the model could not be loaded; the service log (or /health with the token) says why"
 
+    def wants_page():
+        # Browsers ask for text/html first; curl (*/*) and programs keep getting JSON.
+        accept = request.accept_mimetypes
+        return (
+            request.path == "/"
+            and request.method == "GET"
+            and (accept.best_match(["application/json", "text/html"]) == "text/html")
+        )
+
     @app.before_request
     def check_token():
-        if settings.api_token and request.path != "/health" and not has_token():
+        # The page holds no data and asks for the token itself, so a browser may load it.
+        if (
+            settings.api_token
+            and request.path != "/health"
+            and not has_token()
+            and not (wants_page())
+        ):
             raise Unauthorised("this server needs the header 'Authorization: Bearer <API_TOKEN>'")
 
     @app.get("/")
     def usage():
+        if wants_page() and PAGE.exists():
+            page = PAGE.read_text().replace("TOKEN_REQUIRED", "yes" if settings.api_token else "no")
+            response = Response(page, mimetype="text/html")
+            response.headers["Vary"] = "Accept"
+            # Everything is inline: nothing from another origin, and no framing elsewhere.
+            response.headers["Content-Security-Policy"] = (
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                "img-src data: blob:; connect-src 'self' data:; frame-ancestors 'none'"
+            )
+            return response
         return jsonify(
             {
                 "service": "brain MRI tissue segmentation",
                 "version": VERSION,
                 "usage": "POST a PNG slice to / or /segment (raw body or multipart "
                 "field 'file'); the response is a palette PNG mask",
+                "volumes": "POST a NIfTI file or a DICOM series zip to /volume; the response "
+                "is a label NIfTI (?format=json: tissue volumes in mL; ?format=png: a mosaic)",
+                "page": "open this address in a browser",
                 "accepts": processing.ACCEPTED,
                 "health": "/health",
                 "model": "/model",

@@ -25,6 +25,7 @@ APP_MODULES = {
     "processing.py",
     "volumes.py",
     "qc.py",
+    "page.html",
 }
 PURE_PACKAGES = {
     "png.py",
