@@ -452,14 +452,16 @@ def segment(model, volume, plane=None, progress_every_s=PROGRESS_EVERY_S):
         scores = model.predict(batch)
         for index, geometry, score in zip(batch_indices, geometries, scores):
             labels[index] = processing.mask_from_scores(score, geometry)
-        batch_indices.clear(), frames.clear(), geometries.clear()
+        del batch_indices[:], frames[:], geometries[:]
 
     for index in range(len(slices)):
         slice_ = slices[index]
         if slice_.min() == slice_.max():
             continue  # a blank slice holds no tissue: background, with no forward pass
         frame, geometry = processing.frame_slice(slice_, side)
-        batch_indices.append(index), frames.append(frame), geometries.append(geometry)
+        batch_indices.append(index)
+        frames.append(frame)
+        geometries.append(geometry)
         if len(frames) == BATCH:
             flush()
         now = time.perf_counter()
