@@ -8,10 +8,10 @@ set -euo pipefail
 
 NAME=greengrassBrainSegmentation
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-APP_FILES=(greengrassBrainSegmentationApp.py load_model.py processing.py)
+APP_FILES=(greengrassBrainSegmentationApp.py load_model.py processing.py volumes.py qc.py page.html)
 # Pure-Python packages that travel in the zip; their versions come from requirements.txt.
 PURE=(flask werkzeug jinja2 markupsafe itsdangerous click blinker waitress greengrasssdk cbor2
-      pypng)
+      pypng nibabel packaging importlib-resources typing-extensions pydicom)
 # What the server imports besides the zip (`import onnxruntime` needs nothing more), at the
 # versions requirements.txt gives for the target Python and machine.
 NATIVE=(onnxruntime numpy)
@@ -61,9 +61,10 @@ command -v "$PYTHON" >/dev/null 2>&1 \
 "$PYTHON" -m pip --version 2>/dev/null | grep '^pip ' >/dev/null \
     || die "pip is not available for $PYTHON; install python3-pip or set PYTHON to a venv's python"
 
-pin() {  # the name==version line for a package in requirements.txt
+pin() {  # the name==version of a package's first line in requirements.txt (markers dropped:
+    # where a package has one line per Python, the first is the one for TARGET_PYTHON)
     local line
-    line=$(grep -m 1 -iE "^$1==[^ #]+" "$ROOT/requirements.txt" | sed 's/[ #].*//') \
+    line=$(grep -m 1 -iE "^$1==[^ #;]+" "$ROOT/requirements.txt" | sed 's/[ #;].*//') \
         || die "requirements.txt has no pinned '$1==VERSION' line"
     echo "$line"
 }
@@ -81,6 +82,9 @@ echo "fetching ${pure_pins[*]}"
 # markupsafe and cbor2 ship optional C speedups and fall back to pure Python without them.
 rm -f "$stage"/pure/markupsafe/_speedups*.so "$stage"/pure/markupsafe/_speedups.c \
       "$stage"/pure/_cbor2*.so
+# Their own test suites and test data are of no use on a device.
+rm -rf "$stage"/pure/nibabel/tests "$stage"/pure/nibabel/*/tests "$stage"/pure/pydicom/tests \
+       "$stage"/pure/pydicom/data/test_files
 compiled=$(cd "$stage/pure" && find . -name '*.so' -o -name '*.so.*' -o -name '*.pyd')
 [ -z "$compiled" ] || die "unexpected compiled files in the pure-Python layer: $compiled"
 

@@ -26,15 +26,19 @@ import time
 import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 from flask import Flask, Request, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 import load_model
 import processing
+import qc
+import volumes
 
 log = logging.getLogger("segmentation.app")
 VERSION = "1.0.0"
+PAGE = Path(__file__).resolve().parent / "page.html"  # the browser page for GET /
 
 
 @dataclass
@@ -46,7 +50,8 @@ class Settings:
     model_dir: str = ""  # MODEL_DIR; empty = search Greengrass paths, then bundled
     runtime: str = "auto"  # RUNTIME: auto (ONNX Runtime if it can, else MXNet), onnxruntime, mxnet
     threads: int = 4  # THREADS: waitress worker threads
-    max_upload_mb: float = 20.0  # MAX_UPLOAD_MB: larger bodies get 413
+    max_upload_mb: float = 64.0  # MAX_UPLOAD_MB: larger bodies get 413
+    max_volume_megavoxels: float = 32.0  # MAX_VOLUME_MEGAVOXELS: larger volumes get 413
     upload_memory_mb: float = 200.0  # UPLOAD_MEMORY_MB: request bodies held at once, all clients
     work_megapixels: float = 21.0  # WORK_MEGAPIXELS: slices decoded and segmented at once
     connection_limit: int = 250  # CONNECTION_LIMIT: open connections before accepting pauses
@@ -164,19 +169,47 @@ def create_app(settings=None, model=None, publisher=None):
             return state["error"]
         return "the model could not be loaded; the service log (or /health with the token) says why"
 
+    def wants_page():
+        # Browsers ask for text/html first; curl (*/*) and programs keep getting JSON.
+        accept = request.accept_mimetypes
+        return (
+            request.path == "/"
+            and request.method == "GET"
+            and (accept.best_match(["application/json", "text/html"]) == "text/html")
+        )
+
     @app.before_request
     def check_token():
-        if settings.api_token and request.path != "/health" and not has_token():
+        # The page holds no data and asks for the token itself, so a browser may load it.
+        if (
+            settings.api_token
+            and request.path != "/health"
+            and not has_token()
+            and not (wants_page())
+        ):
             raise Unauthorised("this server needs the header 'Authorization: Bearer <API_TOKEN>'")
 
     @app.get("/")
     def usage():
+        if wants_page() and PAGE.exists():
+            page = PAGE.read_text().replace("TOKEN_REQUIRED", "yes" if settings.api_token else "no")
+            response = Response(page, mimetype="text/html")
+            response.headers["Vary"] = "Accept"
+            # Everything is inline: nothing from another origin, and no framing elsewhere.
+            response.headers["Content-Security-Policy"] = (
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                "img-src data: blob:; connect-src 'self' data:; frame-ancestors 'none'"
+            )
+            return response
         return jsonify(
             {
                 "service": "brain MRI tissue segmentation",
                 "version": VERSION,
                 "usage": "POST a PNG slice to / or /segment (raw body or multipart "
                 "field 'file'); the response is a palette PNG mask",
+                "volumes": "POST a NIfTI file or a DICOM series zip to /volume; the response "
+                "is a label NIfTI (?format=json: tissue volumes in mL; ?format=png: a mosaic)",
+                "page": "open this address in a browser",
                 "accepts": processing.ACCEPTED,
                 "health": "/health",
                 "model": "/model",
@@ -187,7 +220,8 @@ def create_app(settings=None, model=None, publisher=None):
     @app.post("/segment")
     def segment():
         model = current_model()
-        body, summary = segment_png(model, read_upload(), state["work"])
+        overlay = request.args.get("overlay", "0").lower() in ("1", "true", "yes")
+        body, summary = segment_png(model, read_upload(), state["work"], overlay)
         publisher.publish(summary)
         response = Response(body, mimetype="image/png")
         response.headers.update(
@@ -201,6 +235,51 @@ def create_app(settings=None, model=None, publisher=None):
             }
         )
         return response
+
+    @app.post("/volume")
+    def volume():
+        model = current_model()
+        plane = request.args.get("plane") or None
+        if plane is not None and plane not in volumes.PLANES:
+            raise volumes.VolumeError(
+                f"unknown plane {plane!r}; use ?plane=axial, coronal or sagittal"
+            )
+        kind = volume_format()
+        parts = read_upload(many=True)
+        limit = int(settings.max_volume_megavoxels * 1e6)
+        body, summary = segment_volume(model, parts, plane, kind, limit, state["work"])
+        publisher.publish({k: v for k, v in summary.items() if k != "viewer"})
+        if kind == "json":
+            return jsonify(summary)
+        if kind == "viewer":
+            return jsonify({**summary, "labels_nifti_base64": base64.b64encode(body).decode()})
+        mimetype = "image/png" if kind == "png" else "application/gzip"
+        response = Response(body, mimetype=mimetype)
+        name = "labels-mosaic.png" if kind == "png" else "labels.nii.gz"
+        response.headers.update(
+            {
+                "Content-Disposition": f'attachment; filename="{name}"',
+                "X-Decode-Ms": str(summary["decode_ms"]),
+                "X-Inference-Ms": str(summary["inference_ms"]),
+                "X-Encode-Ms": str(summary["encode_ms"]),
+                "X-Model-Id": model.model_id,
+                "X-Classes": ",".join(model.meta["classes"]),
+                "X-Plane": summary["plane"],
+                "X-Brain-Ml": str(summary["brain_ml"]),
+            }
+        )
+        return response
+
+    def volume_format():
+        kind = request.args.get("format")
+        if kind is None:
+            best = request.accept_mimetypes.best_match(["application/gzip", "application/json"])
+            kind = "json" if best == "application/json" else "nifti"
+        if kind not in VOLUME_FORMATS:
+            raise volumes.VolumeError(
+                f"unknown format {kind!r}; use ?format=nifti, json, png or viewer"
+            )
+        return kind
 
     @app.get("/health")
     def health():
@@ -238,7 +317,7 @@ def create_app(settings=None, model=None, publisher=None):
         # The folder's name for anyone; where it lies on the box only with the token.
         return str(model.directory) if has_token() else os.path.basename(str(model.directory))
 
-    @app.errorhandler(processing.ImageError)
+    @app.errorhandler(processing.ImageError)  # volumes' errors are ImageErrors too
     @app.errorhandler(ServiceUnavailable)
     @app.errorhandler(Unauthorised)
     def known_error(error):
@@ -253,7 +332,7 @@ def create_app(settings=None, model=None, publisher=None):
         messages = {
             405: f"method {request.method} is not allowed on {request.path}",
             413: f"the upload is larger than {settings.max_upload_mb:g} MB",
-            404: f"no route {request.path}; POST images to / or /segment",
+            404: f"no route {request.path}; POST slices to / or /segment, scans to /volume",
         }
         response = jsonify({"error": messages.get(error.code, error.description)})
         response.status_code = error.code
@@ -269,8 +348,10 @@ def create_app(settings=None, model=None, publisher=None):
     return app
 
 
-def segment_png(model, data, work=None):
+def segment_png(model, data, work=None, overlay=False):
     """PNG bytes -> (mask PNG bytes, summary): decode, segment, encode, each stage timed.
+
+    With `overlay` the body is instead the slice with the mask blended in the class colours.
 
     `work`, a PixelBudget, bounds the pixels all requests decode and segment at once. The
     summary (model id, size, timings, class fractions, never pixels) is what the MQTT
@@ -283,7 +364,10 @@ def segment_png(model, data, work=None):
         decoded = time.perf_counter()
         mask = model.segment(slice_)
         inferred = time.perf_counter()
-        body = processing.encode_mask(mask, model.meta["colours"])
+        if overlay:
+            body = qc.slice_overlay(slice_, mask, model.meta["colours"])
+        else:
+            body = processing.encode_mask(mask, model.meta["colours"])
         encoded = time.perf_counter()
     return body, {
         "model_id": model.model_id,
@@ -327,20 +411,83 @@ class PixelBudget:
                 self.room.notify_all()
 
 
-def read_upload():
-    """The image bytes: multipart field 'file', or else the raw body."""
+def segment_volume(model, parts, plane, kind, max_voxels, work=None):
+    """Upload parts -> (body, summary): decode, segment every slice, encode, each stage timed.
+
+    `kind` is nifti (labels .nii.gz), json (no body), png (a QC mosaic) or viewer (the
+    page's slice sheets in the summary and the labels .nii.gz as body).
+    """
+    started = time.perf_counter()
+    volume = volumes.read_volume(parts, max_voxels)
+    decoded = time.perf_counter()
+    with work.hold(volume.data.size) if work else nullcontext():
+        labels, plane, count = volumes.segment(model, volume, plane)
+    inferred = time.perf_counter()
+    classes = model.meta["classes"]
+    summary = {
+        "model_id": model.model_id,
+        "source": volume.source,
+        "shape": list(volume.shape),
+        "voxel_mm": [round(float(z), 4) for z in volume.zooms],
+        "orientation": "".join(volumes.nib.aff2axcodes(volume.affine)),
+        "plane": plane,
+        "slices": count,
+        "classes": classes,
+        **volumes.tissue_volumes(labels, volume, classes),
+    }
+    body = b""
+    if kind in ("nifti", "viewer"):
+        body = volumes.encode_labels(labels, volume, classes)
+    if kind in ("png", "viewer"):
+        pictures = qc.VolumePictures(volume, labels, plane, model.meta["colours"], classes)
+        if kind == "png":
+            body = pictures.mosaic()
+        else:
+            summary["viewer"] = pictures.viewer()
+    encoded = time.perf_counter()
+    summary.update(
+        {
+            "decode_ms": ms(decoded - started),
+            "inference_ms": ms(inferred - decoded),
+            "encode_ms": ms(encoded - inferred),
+            "total_ms": ms(encoded - started),
+            "time": round(time.time(), 3),
+        }
+    )
+    log.info(
+        "volume %s %s: %d %s slices in %.1f s",
+        volume.source,
+        "x".join(map(str, volume.shape)),
+        count,
+        plane,
+        encoded - started,
+    )
+    return body, summary
+
+
+VOLUME_FORMATS = ("nifti", "json", "png", "viewer")
+
+
+def read_upload(many=False):
+    """The upload's bytes: multipart field 'file', or else the raw body.
+
+    With `many`, a list of every 'file' part (DICOM files of one series may come apart).
+    """
     if request.mimetype == "multipart/form-data":
         uploads = request.files.getlist("file")
         if not uploads:
             raise processing.ImageError(
                 "the multipart form has no field 'file'; send curl -F file=@slice.png"
             )
+        if many:
+            return [upload.read() for upload in uploads]
         if len(uploads) > 1:
             raise processing.ImageError(
                 f"the multipart form has {len(uploads)} fields 'file'; send one slice per request"
             )
         return uploads[0].read()
-    return request.get_data(cache=False)
+    body = request.get_data(cache=False)
+    return [body] if many else body
 
 
 def ms(seconds):

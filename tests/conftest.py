@@ -64,6 +64,44 @@ def head_png():
     return (DATA / "colin27_axial50_16bit.png").read_bytes()
 
 
+# GM + WM + CSF of ICBM 2009a: its brain mask (filled T1 > 0) at 1 mm; tests/data/README.md.
+ICBM_BRAIN_ML = 1886.5
+
+
+@pytest.fixture(scope="session")
+def icbm_nifti():
+    """ICBM 2009a T1 (brain-extracted) at 2 mm, 98x116x94 uint8, as .nii.gz bytes."""
+    return (DATA / "icbm2009a_2mm.nii.gz").read_bytes()
+
+
+@pytest.fixture(scope="session")
+def icbm_slab(icbm_nifti):
+    """(data, affine): 12 axial slices through the middle of `icbm_nifti`, a quick volume."""
+    import gzip
+
+    import nibabel as nib
+
+    image = nib.Nifti1Image.from_bytes(gzip.decompress(icbm_nifti))
+    affine = image.affine.copy()
+    affine[:3, 3] = image.affine[:3, :3] @ [0, 0, 40] + image.affine[:3, 3]
+    return np.asarray(image.dataobj)[:, :, 40:52].copy(), affine
+
+
+def nifti_bytes(data, affine, gz=True, **header):
+    """NIfTI-1 bytes of an array (qform and sform code 1), optionally gzipped."""
+    import gzip
+
+    import nibabel as nib
+
+    image = nib.Nifti1Image(data, affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    for key, value in header.items():
+        image.header[key] = value
+    raw = image.to_bytes()
+    return gzip.compress(raw, mtime=0) if gz else raw
+
+
 def read_png(path_or_bytes):
     """(H, W) array of the first channel of a PNG file or bytes, as stored (no palette lookup)."""
     data = path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes).read_bytes()

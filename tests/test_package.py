@@ -19,7 +19,14 @@ from conftest import ROOT, read_png, wait_healthy
 ZIP_NAME = "greengrassBrainSegmentation.zip"
 RECIPE = ROOT / "deploy" / "greengrass-v2-recipe.yaml"
 ARN = "arn:aws:lambda:eu-west-1:123456789012:function:brainSeg:1"
-APP_MODULES = {"greengrassBrainSegmentationApp.py", "load_model.py", "processing.py"}
+APP_MODULES = {
+    "greengrassBrainSegmentationApp.py",
+    "load_model.py",
+    "processing.py",
+    "volumes.py",
+    "qc.py",
+    "page.html",
+}
 PURE_PACKAGES = {
     "png.py",
     "flask",
@@ -32,6 +39,11 @@ PURE_PACKAGES = {
     "waitress",
     "greengrasssdk",
     "cbor2",
+    "nibabel",
+    "pydicom",
+    "packaging",
+    "importlib_resources",
+    "typing_extensions.py",
 }
 # What the server needs besides the zip: ONNX Runtime and numpy with its bundled libraries.
 NATIVE = ["onnxruntime", "numpy", "numpy.libs"]

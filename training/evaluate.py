@@ -96,11 +96,11 @@ def validation_slices(volumes, every=3, degradations=False):
                         "spacing": spacing,
                     }
                     raw = planes(image, plane)[index] * scale
-                    slices.append(base | {"raw": to_uint16(raw), "variant": variant})
+                    slices.append({**base, "raw": to_uint16(raw), "variant": variant})
                     if degradations and variant == "skull":
                         for name in DEGRADATIONS:
                             degraded = degrade(name, image, plane, index, volume.spacing, rng)
-                            slices.append(base | {"raw": degraded(scale), "variant": name})
+                            slices.append({**base, "raw": degraded(scale), "variant": name})
     return slices
 
 

@@ -170,8 +170,12 @@ def train(args):
         )
         state["epoch"] = epoch + 1
         state.setdefault("history", []).append(
-            {"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": seconds}
-            | {f"dice_{c}": round(float(scores[c]), 4) for c in CLASS_NAMES}
+            {
+                "epoch": epoch + 1,
+                "loss": float(np.mean(losses)),
+                "seconds": seconds,
+                **{f"dice_{c}": round(float(scores[c]), 4) for c in CLASS_NAMES},
+            }
         )
         if rank == 0:
             if mean_tissue > state["best"]:

@@ -1,0 +1,100 @@
+"""Time a whole 256x256x176 T1 volume through POST /volume, and the batched forward pass alone.
+
+    python tools/volume_benchmark.py [--repeats 3] [--batch 8] [--model-dir model/segmentation-net]
+
+The volume is the test ICBM 2009a template (tests/data) resampled to 256x256x176 at 1 mm with
+nearest neighbours, so every one of its axial slices holds head (none is skipped as blank).
+Starts the standalone server as a subprocess on a free port and talks HTTP, as a user would.
+"""
+
+import argparse
+import gzip
+import json
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import load_model  # noqa: E402
+import volumes  # noqa: E402
+from tools.benchmark import free_port, wait_healthy  # noqa: E402
+
+SHAPE = (256, 256, 176)
+
+
+def main(argv=None):
+    """Print the figures the README quotes."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=volumes.BATCH, help="frames per forward")
+    parser.add_argument("--model-dir", default=str(load_model.BUNDLED_PATH))
+    args = parser.parse_args(argv)
+    body = t1_volume()
+    print(f"volume {'x'.join(map(str, SHAPE))} int16, .nii.gz {len(body) / 1e6:.1f} MB")
+    forward_pass(args)
+    port = free_port()
+    command = [sys.executable, str(ROOT / "greengrassBrainSegmentationApp.py")]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--model-dir", args.model_dir]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url)
+        times, summary = [], {}
+        for _ in range(args.repeats + 1):  # the first binds the batch executors
+            started = time.perf_counter()
+            request = urllib.request.Request(url + "/volume?format=json", data=body, method="POST")
+            with urllib.request.urlopen(request, timeout=600) as response:
+                summary = json.loads(response.read())
+            times.append(time.perf_counter() - started)
+        print(
+            f"POST /volume end to end, median of {args.repeats}: "
+            f"{statistics.median(times[1:]):.1f} s (first {times[0]:.1f} s); "
+            f"server: decode {summary['decode_ms'] / 1000:.2f} s, "
+            f"segment {summary['inference_ms'] / 1000:.1f} s, {summary['slices']} slices"
+        )
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def t1_volume():
+    """.nii.gz bytes of the test template resampled to SHAPE (1 mm, RAS), int16."""
+    source = nib.Nifti1Image.from_bytes(
+        gzip.decompress((ROOT / "tests" / "data" / "icbm2009a_2mm.nii.gz").read_bytes())
+    )
+    data = np.asarray(source.dataobj)
+    picks = [
+        np.clip(np.round(np.linspace(0, n - 1, m)).astype(int), 0, n - 1)
+        for n, m in zip(data.shape, SHAPE)
+    ]
+    volume = data[np.ix_(*picks)].astype(np.int16) * 4
+    return gzip.compress(nib.Nifti1Image(volume, np.eye(4)).to_bytes(), compresslevel=1)
+
+
+def forward_pass(args):
+    """The network alone on batches of frames, as volumes.segment calls it."""
+    model = load_model.load(args.model_dir)
+    side = model.meta["frame_side"]
+    batch = np.random.default_rng(0).random((args.batch, 1, side, side), np.float32)
+    model.predict(batch)
+    started = time.perf_counter()
+    rounds = max(1, 32 // args.batch)
+    for _ in range(rounds):
+        model.predict(batch)
+    per_frame = (time.perf_counter() - started) / (rounds * args.batch)
+    print(
+        f"forward pass alone, batches of {args.batch} frames of {side}x{side}: "
+        f"{per_frame * 1000:.0f} ms a frame, {per_frame * SHAPE[2]:.1f} s for {SHAPE[2]} slices"
+    )
+
+
+if __name__ == "__main__":
+    main()
