@@ -190,7 +190,7 @@ def multi_otsu(raw):
     from skimage.filters import threshold_multiotsu
 
     try:
-        thresholds = threshold_multiotsu(raw, classes=4)
+        thresholds = threshold_multiotsu(raw, classes=4, nbins=256)
     except ValueError:  # fewer than four grey levels
         return np.zeros(raw.shape, np.uint8)
     return np.digitize(raw, thresholds, right=True).astype(np.uint8)  # t is the last of its class
