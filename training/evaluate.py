@@ -190,7 +190,10 @@ def multi_otsu(raw):
     from skimage.filters import threshold_multiotsu
 
     try:
-        thresholds = threshold_multiotsu(raw, classes=4, nbins=256)
+        # 16-bit slices as float, so the histogram has 256 bins: on integers it has one per
+        # grey level, and the threshold search grows with the cube of that
+        wide = int(raw.max()) - int(raw.min()) > 255
+        thresholds = threshold_multiotsu(raw.astype(np.float32) if wide else raw, classes=4)
     except ValueError:  # fewer than four grey levels
         return np.zeros(raw.shape, np.uint8)
     return np.digitize(raw, thresholds, right=True).astype(np.uint8)  # t is the last of its class
