@@ -201,7 +201,9 @@ def acquire(image, labels, head, spacing, rng, pixel_mm_range, frame_side):
 
 def degrade(image, rng):
     """Blur, ringing, bias field, gamma and Rician noise of an (H, W) image in 0..~1."""
-    if rng.random() < 0.6:
+    if rng.random() < 0.2:  # heavy blur: averaged or strongly filtered images, coarse scanners
+        image = ndimage.gaussian_filter(image, rng.uniform(1.0, 2.5, 2))
+    elif rng.random() < 0.6:
         image = ndimage.gaussian_filter(image, rng.uniform(0, 1.0, 2))
     if rng.random() < 0.15:  # Gibbs ringing: a sharp cut in k-space
         spectrum = np.fft.fftshift(np.fft.fft2(image))
