@@ -250,8 +250,8 @@ def pair_slices(folder):
 def write_qc(path, slices, predictions):
     """A QC sheet: for the middle slice of each brain, plane and variant, input | mask | reference.
 
-    One row per variant (skull on, stripped, each degradation), one column group per brain and
-    plane, titled, with a colour legend: a person sees at a glance where the model is wrong.
+    One row per brain and plane, one column group per variant (skull on, stripped, each
+    degradation), titled, with a colour legend: a person sees at a glance where it goes wrong.
     """
     import matplotlib
 
@@ -263,12 +263,12 @@ def write_qc(path, slices, predictions):
     for s, p in zip(slices, predictions):
         groups[(s["variant"], s["volume"], s["plane"])].append((s, p))
     variants = list(dict.fromkeys(s["variant"] for s in slices))
-    columns = list(dict.fromkeys((s["volume"], s["plane"]) for s in slices))
+    rows = list(dict.fromkeys((s["volume"], s["plane"]) for s in slices))
     palette = np.array(PALETTE, np.float32) / 255
-    size = (3.9 * len(columns), 1.5 * len(variants) + 0.6)
-    figure, axes = plt.subplots(len(variants), 3 * len(columns), figsize=size, squeeze=False)
-    for row, variant in enumerate(variants):
-        for col, (volume, plane) in enumerate(columns):
+    size = (3.6 * len(variants), 1.3 * len(rows) + 0.7)
+    figure, axes = plt.subplots(len(rows), 3 * len(variants), figsize=size, squeeze=False)
+    for row, (volume, plane) in enumerate(rows):
+        for col, variant in enumerate(variants):
             members = groups.get((variant, volume, plane))
             cells = axes[row, 3 * col : 3 * col + 3]
             for ax in cells:
@@ -281,17 +281,16 @@ def write_qc(path, slices, predictions):
             for ax, picture, title in zip(
                 cells,
                 (np.clip(image, 0, 1), palette[predicted], palette[s["target"]]),
-                ("input", "mask", "reference"),
+                (variant, "mask", "reference"),
             ):
                 ax.imshow(np.rot90(picture), cmap="gray", interpolation="nearest")
                 if row == 0:
-                    ax.set_title(
-                        f"{volume} {plane}\n{title}" if title == "input" else title, fontsize=7
-                    )
-            cells[0].text(
-                -0.05, 0.5, variant, transform=cells[0].transAxes, rotation=90,
-                ha="right", va="center", fontsize=7,
-            )  # fmt: skip
+                    ax.set_title(title, fontsize=8)
+            if col == 0:
+                cells[0].text(
+                    -0.08, 0.5, f"{volume}\n{plane}", transform=cells[0].transAxes,
+                    rotation=90, ha="right", va="center", fontsize=8,
+                )  # fmt: skip
     legend = [Patch(color=palette[c], label=name) for c, name in enumerate(CLASSES)]
     figure.legend(handles=legend, loc="lower center", ncol=len(CLASSES), fontsize=8, frameon=False)
     figure.tight_layout(rect=(0, 0.04, 1, 1))
