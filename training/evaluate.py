@@ -44,6 +44,7 @@ def main(argv=None):
         help="also score skull-on slices under " + ", ".join(DEGRADATIONS),
     )  # fmt: skip
     parser.add_argument("--qc", help="write a QC sheet PNG: input | mask | reference")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     args = parser.parse_args(argv)
 
     if args.pairs:
@@ -62,7 +63,7 @@ def main(argv=None):
         sys.exit(f"error: {error}")
     predictions = [model.segment(s["raw"]) for s in slices]
     baseline = [multi_otsu(s["raw"]) for s in slices]
-    print_table(slices, predictions, baseline)
+    print_table(slices, predictions, baseline, args.markdown)
     if args.qc:
         write_qc(args.qc, slices, predictions)
 
@@ -199,16 +200,24 @@ def multi_otsu(raw):
     return np.digitize(raw, thresholds, right=True).astype(np.uint8)  # t is the last of its class
 
 
-def print_table(slices, predictions, baseline):
+def print_table(slices, predictions, baseline, markdown=False):
     """Dice per class, pixel accuracy and the brain outline shares, ENet beside multi-Otsu."""
     groups = defaultdict(int)
     for s in slices:
         groups[(s.get("brain", "-"), s["variant"], s["plane"])] += 1
-    print(
-        f"{'brain':10} {'variant':12} {'plane':9} {'n':>4} {'method':10} "
-        + " ".join(f"{c[:12]:>12}" for c in CLASSES)
-        + f" {'pixel_acc':>9} {'outside':>8} {'inside':>8}"
-    )
+    header = [
+        "brain",
+        "variant",
+        "plane",
+        "n",
+        "method",
+        *CLASSES,
+        "pixel_acc",
+        "outside",
+        "inside",
+    ]
+    widths = [10, 12, 9, 4, 10] + [12] * len(CLASSES) + [9, 8, 8]
+    rows = []
     for (brain, variant, plane), count in sorted(groups.items()):
 
         def where(s, key=(brain, variant, plane)):
@@ -217,11 +226,18 @@ def print_table(slices, predictions, baseline):
         for method, masks in (("enet", predictions), ("multi-otsu", baseline)):
             scores = dice_scores(slices, masks, where)
             outside, inside = brain_outline(slices, masks, where)
-            print(
-                f"{brain:10} {variant:12} {plane:9} {count:4d} {method:10} "
-                + " ".join(f"{scores[c]:12.3f}" for c in CLASSES)
-                + f" {pixel_accuracy(slices, masks, where):9.3f} {outside:8.3f} {inside:8.3f}"
-            )
+            accuracy = pixel_accuracy(slices, masks, where)
+            numbers = [scores[c] for c in CLASSES] + [accuracy, outside, inside]
+            rows.append([brain, variant, plane, str(count), method] + [f"{v:.3f}" for v in numbers])
+    if markdown:
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * 5 + "---:|" * (len(header) - 5))
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+        return
+    for row in [header] + rows:
+        print(" ".join(f"{v:<{w}}" if k < 3 or k == 4 else f"{v:>{w}}" for k, (v, w) in
+                       enumerate(zip(row, widths))))  # fmt: skip
 
 
 def pair_slices(folder):
