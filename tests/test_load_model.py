@@ -30,16 +30,20 @@ def softmax(logits):
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
+def python_lines(code):
+    """The lines a fresh `python -c code` prints from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+
+
 def test_auto_takes_onnx_runtime_and_never_imports_mxnet():
     code = (
         "import sys, numpy as np, load_model; m = load_model.load(); "
         "print(m.runtime.name, m.segment(np.zeros((32, 32), np.uint8)).shape, "
         "'mxnet' in sys.modules)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.splitlines()
-    assert out[-1] == "onnxruntime (32, 32) False"
+    assert python_lines(code)[-1] == "onnxruntime (32, 32) False"
 
 
 def test_both_runtimes_give_the_logits_whose_softmax_mxnet_exported(model, mxnet_model):
@@ -216,10 +220,7 @@ def test_serving_needs_no_training_code_and_no_custom_op():
         "print(m.segment(np.zeros((32, 32), np.uint8)).shape); "
         "print(sorted(k for k in sys.modules if k.split('.')[0] == 'training'))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.splitlines()
-    assert out[-2:] == ["(32, 32)", "[]"]
+    assert python_lines(code)[-2:] == ["(32, 32)", "[]"]
 
 
 def test_mask_png_of_the_bundled_model_is_readable(model, t1_png):
