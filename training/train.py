@@ -118,6 +118,7 @@ def train(args):
     run_dir.mkdir(parents=True, exist_ok=True)
     mx.random.seed(args.seed)
     train_volumes, val_volumes = load_volumes(args)
+    args.volumes = sorted(v.name for v in train_volumes)  # recorded by export
     distributed = len(json.loads(args.hosts)) > 1
     kvstore = mx.kv.create("dist_sync") if distributed else "device"
     rank = kvstore.rank if distributed else 0
@@ -312,7 +313,7 @@ def export(net, model_dir, args, scores, state):
         "training": {
             "command": "python -m training.train " + " ".join(sys.argv[1:]),
             "revision": revision(),
-            "volumes": sorted(v.name for v in train_volumes_of(args)),
+            "volumes": args.volumes,
             "source": args.source,
             "data_dir": str(args.data_dir),
             "hold_out": args.hold_out,
@@ -373,11 +374,6 @@ def revision():
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("+dirty" if dirty else "")
-
-
-def train_volumes_of(args):
-    """The volumes a run trains on (names only are recorded)."""
-    return load_volumes(args)[0]
 
 
 def log(message):
