@@ -3,7 +3,10 @@
     python tools/label_agreement.py   # after python -m training.sources
 
 Resamples the ICBM 2009a tissue labels (what the bundled model is trained on) onto the grid of
-SPM's avg152 priors (what it is validated against) and prints Dice per class between the two.
+SPM's avg152 priors (what it is validated against) and prints Dice per class between the two,
+then, per plane, the brain-outline shares that `training.evaluate` reports (`outside`, `inside`)
+with the ICBM labels standing in for a model: how well one careful label set can score on the
+other's brain outline.
 """
 
 import sys
@@ -16,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from processing import CLASS_NAMES  # noqa: E402
-from training.data import load_templates  # noqa: E402
+from training.data import brain_slices, load_templates, planes  # noqa: E402
+from training.evaluate import PLANES, brain_outline  # noqa: E402
 from training.sources import NILEARN_T1, TARGET_OF, read_nifti, resample  # noqa: E402
 
 # avg152T1.nii's voxel-to-MNI affine (2 mm, x flipped), as stored in the SPM file
@@ -36,6 +40,12 @@ def main(cache=ROOT / ".cache"):
     for c, name in enumerate(CLASS_NAMES):
         a, b = icbm_on_spm == c, spm_labels == c
         print(f"{name:13} Dice {2 * (a & b).sum() / (a.sum() + b.sum()):.3f}")
+    for plane, plane_name in enumerate(PLANES):
+        indices = brain_slices(spm_labels, plane, 0.05)
+        slices = [{"target": planes(spm_labels, plane)[i], "spacing": 2.0} for i in indices]
+        other = [planes(icbm_on_spm, plane)[i] for i in indices]
+        outside, inside = brain_outline(slices, other)
+        print(f"{plane_name:13} outside {100 * outside:.1f} %  inside {100 * inside:.1f} %")
 
 
 if __name__ == "__main__":
