@@ -285,6 +285,24 @@ def test_scores_are_interpolated_bilinearly():
     assert np.array_equal(mask[inside_y][:, inside_x], expected[inside_y][:, inside_x])
 
 
+def test_first_argmax_is_numpys_argmax_ties_included():
+    scores = np.random.default_rng(4).integers(0, 3, (4, 40, 30)).astype(np.float32)
+    assert np.array_equal(processing.first_argmax(scores), np.argmax(scores, axis=0))
+
+
+@pytest.mark.parametrize("step", [0.4, 1.0, 2.5, 7.3])
+def test_resampling_reads_only_the_kernels_taps(step):
+    image = np.random.default_rng(5).random((60, 9)).astype(np.float32)
+    coordinates = np.arange(-3, 70, step)[:40] - 0.25
+    radius = max(step, 1.0)
+    source = np.arange(-100, 200)
+    kernel = np.clip(1 - np.abs(source[None] - coordinates[:, None]) / radius, 0, None)
+    kernel /= kernel.sum(1, keepdims=True)
+    dense = kernel[:, (source >= 0) & (source < 60)]  # taps beyond the image are background
+    expected = dense @ image
+    assert np.allclose(processing.resample_rows(image, coordinates, step), expected, atol=1e-5)
+
+
 def test_a_large_upload_is_framed_at_the_fixed_side():
     big = np.zeros((4096, 3000), np.uint16)
     big[500:3500, 400:2600] = 30000
