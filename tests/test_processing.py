@@ -83,6 +83,14 @@ def test_every_mode_filter_and_interlace_decodes_as_pypng_does():
         assert decoded.dtype == expected.dtype and np.array_equal(decoded, expected)
 
 
+@pytest.mark.parametrize("kind", range(5))
+def test_one_filter_type_on_every_row_decodes_as_pypng_does(kind):
+    rng = np.random.default_rng(kind)
+    for data in fuzz.seeds(rng, sizes=((37, 29),), kind=kind):
+        decoded, expected = processing.decode_png(data), reference_decode(data)
+        assert decoded.dtype == expected.dtype and np.array_equal(decoded, expected)
+
+
 def test_the_16x16_inflation_bomb_is_refused_after_a_few_bytes():
     deflate = zlib.compressobj(9)
     zeros = bytes(1 << 20)

@@ -97,15 +97,17 @@ def post(url, data):
         return f"no answer: {error}", False
 
 
-def seeds(rng, sizes=((16, 16), (23, 17), (40, 33))):
-    """Small valid PNGs of every mode, bit depth and interlace, randomly filtered."""
+def seeds(rng, sizes=((16, 16), (23, 17), (40, 33)), kind=None):
+    """Small valid PNGs of every mode, bit depth and interlace, randomly filtered (or `kind`)."""
     pool = []
     for options, planes, depths in MODES:
         for bitdepth in depths:
             for interlace in (False, True):
                 width, height = sizes[len(pool) % len(sizes)]
                 pool.append(
-                    refilter(encode(rng, width, height, options, planes, bitdepth, interlace), rng)
+                    refilter(
+                        encode(rng, width, height, options, planes, bitdepth, interlace), rng, kind
+                    )
                 )
     return pool
 
@@ -157,8 +159,8 @@ def scanlines(data):
     return zlib.decompress(b"".join(b for k, b in chunks(data) if k == b"IDAT"))
 
 
-def refilter(data, rng):
-    """The same image with each row re-filtered with a random filter type (0-4)."""
+def refilter(data, rng, kind=None):
+    """The same image with each row re-filtered with a random filter type (0-4), or `kind`."""
     reader = png.Reader(bytes=data)
     reader.preamble()
     unit = max(1, reader.planes * reader.bitdepth // 8)
@@ -168,8 +170,8 @@ def refilter(data, rng):
         for _ in range(height):
             row = np.frombuffer(raw, np.uint8, row_bytes, at + 1).astype(np.int16)
             at += 1 + row_bytes
-            kind = int(rng.integers(0, 5))
-            out += bytes([kind]) + filter_row(kind, row, above, unit).tobytes()
+            chosen = int(rng.integers(0, 5)) if kind is None else kind
+            out += bytes([chosen]) + filter_row(chosen, row, above, unit).tobytes()
             above = row
     return with_scanlines(data, bytes(out))
 
