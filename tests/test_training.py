@@ -55,6 +55,19 @@ def test_sampler_gives_normalised_slices_and_valid_targets(toy_volumes):
     assert set(np.unique(targets)) <= {0, 1, 2, 3} and (targets > 0).any()
 
 
+def test_sampler_also_draws_head_slices_with_little_brain(toy_volumes):
+    from training.data import load_templates
+
+    volumes = load_templates(toy_volumes)
+    tissue = {}
+    for share in (0.0, 1.0):
+        sampler = SliceSampler(volumes, size=32, seed=4, frame_side=48, beyond_brain=share)
+        tissue[share] = (sampler.batch(12)[1] > 0).mean()
+    # the toy head reaches 4 voxels past its brain: those slices are mostly background
+    # (a thick slab there may still average in some brain)
+    assert tissue[1.0] < 0.1 and tissue[1.0] < tissue[0.0] / 3, tissue
+
+
 def epochs_from_log(text):
     """[(loss, mean tissue dice)] per epoch line of a training log."""
     rows = []

@@ -36,14 +36,17 @@ class SliceSampler:
         seed=0,
         pixel_mm=(0.5, 3.0),
         frame_side=FRAME_SIDE,
+        beyond_brain=0.15,
     ):
         self.volumes = volumes
+        self.beyond_brain = beyond_brain
         self.frame_side = frame_side
         self.size = size
         self.real_fraction = real_fraction
         self.pixel_mm = pixel_mm
         self.rng = np.random.default_rng(seed)
         self.slices = [[brain_slices(v.labels(), p) for p in range(3)] for v in volumes]
+        self.beyond = [[head_slices(v, p) for p in range(3)] for v in volumes]
 
     def batch(self, n):
         """(n, 1, size, size) float32 images and (n, size, size) uint8 targets."""
@@ -58,7 +61,11 @@ class SliceSampler:
         rng = self.rng
         v = int(rng.integers(len(self.volumes)))
         volume, plane = self.volumes[v], int(rng.integers(3))
-        index = int(rng.choice(self.slices[v][plane]))
+        beyond = self.beyond[v][plane]
+        if len(beyond) and rng.random() < self.beyond_brain:
+            index = int(rng.choice(beyond))  # skull base, neck, vertex: little or no brain
+        else:
+            index = int(rng.choice(self.slices[v][plane]))
         spacing = volume.spacing
         slab = 1
         if rng.random() < 0.3:  # a thick slice: partial volume through the plane
@@ -80,7 +87,7 @@ class SliceSampler:
             image = synthesise(probs, rng)
         head = np.argmax(probs, axis=0) != AIR
         strip = rng.random() < (0.25 if not use_real or has_skull(image, labels) else 1.0)
-        if strip:
+        if strip and (labels > 0).any():  # a stripped slice without brain would be blank
             head = ndimage.binary_dilation(labels > 0, iterations=int(rng.integers(0, 3)))
             image = image * head
         image, labels = acquire(image, labels, head, in_plane, rng, self.pixel_mm, self.frame_side)
@@ -89,6 +96,18 @@ class SliceSampler:
         frame, geometry = frame_slice(image, self.frame_side)
         target = frame_labels(labels, geometry)
         return crop(frame, target, self.size, rng)
+
+
+def head_slices(volume, plane, min_head=0.05):
+    """Indices along `plane` through the head (>= `min_head` not air) but with < 2 % brain.
+
+    Uploads include slices through the skull base, the eyes, the neck or the vertex; drawn
+    only from brain slices, the network never learns that those are mostly not brain.
+    """
+    brain = set(brain_slices(volume.labels(), plane).tolist())
+    head = np.argmax(volume.probs, axis=0) != AIR
+    per_slice = np.moveaxis(head, plane, 0).reshape(head.shape[plane], -1).mean(1)
+    return np.array([i for i in np.flatnonzero(per_slice >= min_head) if i not in brain], int)
 
 
 def slab_mean(volume, plane, index, slab):
@@ -176,6 +195,8 @@ def acquire(image, labels, head, spacing, rng, pixel_mm_range, frame_side):
     """
     pixel_mm = np.exp(rng.uniform(*np.log(pixel_mm_range)))
     head = np.argwhere(head | (labels > 0))
+    if not len(head):  # nothing but air: the whole slice is the field of view
+        head = np.argwhere(np.ones_like(labels, bool))
     low, high = head.min(0) * spacing, (head.max(0) + 1) * spacing
     fov = (high - low) * rng.uniform(1.0, 1.4, 2)
     if rng.random() < 0.15:
