@@ -260,11 +260,8 @@ def export(image, labels, rng):
         height, width = max(side, image.shape[0]), max(side, image.shape[1])
         top = int(rng.integers(0, height - image.shape[0] + 1))
         left = int(rng.integers(0, width - image.shape[1] + 1))
-        canvas = np.zeros((height, width), image.dtype)
-        canvas[top : top + image.shape[0], left : left + image.shape[1]] = image
-        label_canvas = np.zeros((height, width), np.uint8)
-        label_canvas[top : top + image.shape[0], left : left + image.shape[1]] = labels
-        image, labels = canvas, label_canvas
+        pad = ((top, height - top - image.shape[0]), (left, width - left - image.shape[1]))
+        image, labels = np.pad(image, pad), np.pad(labels, pad)
     return image, labels
 
 
