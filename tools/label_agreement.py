@@ -5,8 +5,8 @@
 Resamples the ICBM 2009a tissue labels (what the bundled model is trained on) onto the grid of
 SPM's avg152 priors (what it is validated against) and prints Dice per class between the two,
 then, per plane, the brain-outline shares that `training.evaluate` reports (`outside`, `inside`)
-with the ICBM labels standing in for a model: how well one careful label set can score on the
-other's brain outline.
+with each label set standing in for a model scored against the other: how well one careful
+label set can score on the other's brain outline.
 """
 
 import sys
@@ -40,12 +40,16 @@ def main(cache=ROOT / ".cache"):
     for c, name in enumerate(CLASS_NAMES):
         a, b = icbm_on_spm == c, spm_labels == c
         print(f"{name:13} Dice {2 * (a & b).sum() / (a.sum() + b.sum()):.3f}")
-    for plane, plane_name in enumerate(PLANES):
-        indices = brain_slices(spm_labels, plane, 0.05)
-        slices = [{"target": planes(spm_labels, plane)[i], "spacing": 2.0} for i in indices]
-        other = [planes(icbm_on_spm, plane)[i] for i in indices]
-        outside, inside = brain_outline(slices, other)
-        print(f"{plane_name:13} outside {100 * outside:.1f} %  inside {100 * inside:.1f} %")
+    for reference, other, title in (
+        (spm_labels, icbm_on_spm, "ICBM labels on SPM's outline"),
+        (icbm_on_spm, spm_labels, "SPM labels on ICBM's outline"),
+    ):
+        print(title)
+        for plane, plane_name in enumerate(PLANES):
+            indices = brain_slices(reference, plane, 0.05)
+            slices = [{"target": planes(reference, plane)[i], "spacing": 2.0} for i in indices]
+            outside, inside = brain_outline(slices, [planes(other, plane)[i] for i in indices])
+            print(f"  {plane_name:11} outside {100 * outside:.1f} %  inside {100 * inside:.1f} %")
 
 
 if __name__ == "__main__":
