@@ -228,6 +228,7 @@ def create_app(settings=None, model=None, publisher=None):
             {
                 "X-Decode-Ms": str(summary["decode_ms"]),
                 "X-Inference-Ms": str(summary["inference_ms"]),
+                "X-Forward-Ms": str(summary["forward_ms"]),
                 "X-Encode-Ms": str(summary["encode_ms"]),
                 "X-Model-Id": model.model_id,
                 "X-Runtime": model.runtime.name,
@@ -362,7 +363,8 @@ def segment_png(model, data, work=None, overlay=False):
         started = time.perf_counter()
         slice_ = processing.decode_png(data)
         decoded = time.perf_counter()
-        mask = model.segment(slice_)
+        timings = {}
+        mask = model.segment(slice_, timings)
         inferred = time.perf_counter()
         if overlay:
             body = qc.slice_overlay(slice_, mask, model.meta["colours"])
@@ -376,6 +378,7 @@ def segment_png(model, data, work=None, overlay=False):
         "height": mask.shape[0],
         "decode_ms": ms(decoded - started),
         "inference_ms": ms(inferred - decoded),
+        "forward_ms": timings["forward_ms"],
         "encode_ms": ms(encoded - inferred),
         "total_ms": ms(encoded - started),
         "time": round(time.time(), 3),

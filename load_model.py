@@ -18,6 +18,7 @@ import os
 import platform
 import re
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -163,11 +164,18 @@ class Model:
         """(N, C, H, W) float32, H and W multiples of size_multiple -> (N, K, H, W) logits."""
         return self.runtime.predict(batch)
 
-    def segment(self, slice_):
-        """(H, W) slice of any dtype -> (H, W) uint8 class indices."""
+    def segment(self, slice_, timings=None):
+        """(H, W) slice of any dtype -> (H, W) uint8 class indices.
+
+        A `timings` dict gets "forward_ms", the network's own share of the time.
+        """
         frame, geometry = processing.frame_slice(slice_, self.meta["frame_side"])
         batch = np.repeat(frame[None, None], self.meta["input_channels"], axis=1)
-        return processing.mask_from_scores(self.predict(batch)[0], geometry)
+        started = time.perf_counter()
+        scores = self.predict(batch)[0]
+        if timings is not None:
+            timings["forward_ms"] = round((time.perf_counter() - started) * 1000, 1)
+        return processing.mask_from_scores(scores, geometry)
 
     def describe(self):
         """Facts for /health and /model."""

@@ -57,6 +57,7 @@ def test_raw_upload_returns_a_palette_mask_of_the_slice(server_url, t1_png, t1_l
     assert predicted_tissue[brain].mean() > 0.9, "brain pixels must get a tissue class"
     assert not predicted_tissue[~brain].mean() > 0.05, "outside the brain must be background"
     assert float(headers["X-Inference-Ms"]) > 0 and headers["X-Model-Id"]
+    assert 0 < float(headers["X-Forward-Ms"]) <= float(headers["X-Inference-Ms"])
     assert headers["X-Runtime"] == "onnxruntime"
 
 
