@@ -5,9 +5,9 @@
 
 Each client POSTs slices of mixed sizes (a real T1 slice upscaled to 256..4096 pixels) and
 checks every mask against the one the same slice got when sent alone first. Prints errors,
-mismatches, latency percentiles per size, and the server's RSS (from /proc) sampled over the
-run, then its RSS after an idle pause. With --small-during-big it also times a 256-pixel
-request sent while a 4096-pixel one is being served.
+mismatches, latency percentiles per size, and the server's RSS (from /proc): its steady state
+(after one slice of each size), sampled over the run, its peak, and after an idle pause. With
+--small-during-big it also times a 256-pixel request sent while a 4096-pixel one is served.
 """
 
 import argparse
@@ -29,6 +29,7 @@ import png
 ROOT = Path(__file__).resolve().parent.parent
 SLICE = ROOT / "tests" / "data" / "icbm2009a_axial100.png"
 SIZES = (256, 512, 1024, 2048, 4096)
+IDLE_S = 5  # the pause before RSS is read at the steady state and after the run
 
 
 def main(argv=None):
@@ -61,7 +62,9 @@ def soak(url, pid, sizes, args):
     slices = {side: upscaled(side) for side in sizes}
     print(f"RSS at start: {rss_mb(pid)} MB")
     reference = {side: post(url, body)[1] for side, body in slices.items()}
-    print(f"RSS after one of each size {sizes}: {rss_mb(pid)} MB")
+    time.sleep(IDLE_S)
+    steady = rss_mb(pid)
+    print(f"RSS after one of each size {sizes} and {IDLE_S} s (the steady state): {steady} MB")
     if args.small_during_big:
         small_during_big(url, slices)
     samples, stop = [], threading.Event()
@@ -101,9 +104,15 @@ def soak(url, pid, sizes, args):
                 f"  p90 {p90:.3f} s  max {times[-1]:.3f} s"
             )
     if samples:
-        print(f"RSS during the run: min {min(samples)} max {max(samples)} MB")
-    time.sleep(5)
-    print(f"RSS after 5 s idle: {rss_mb(pid)} MB")
+        print(f"RSS during the run (every 0.5 s): min {min(samples)} max {max(samples)} MB")
+    time.sleep(IDLE_S)
+    idle = rss_mb(pid)
+    print(f"RSS after {IDLE_S} s idle: {idle} MB")
+    if steady and idle:
+        print(
+            f"RSS steady {steady} MB, peak {rss_mb(pid, 'VmHWM')} MB,"
+            f" after idle {idle} MB ({idle / steady:.2f} x steady)"
+        )
     return 1 if errors or mismatches else 0
 
 
@@ -154,11 +163,14 @@ def post(url, body):
         return f"no answer: {error}", b""
 
 
-def rss_mb(pid):
-    """Resident set size of process `pid` in MB, from /proc (None where there is none)."""
+def rss_mb(pid, field="VmRSS"):
+    """Resident set size of process `pid` in MB, from /proc (None where there is none).
+
+    `field` VmHWM gives its peak since it started, which no sampling can miss.
+    """
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) // 1024
     except (OSError, TypeError):
         return None
