@@ -1,8 +1,10 @@
 """The real server over HTTP: masks, health, every bad input, concurrency."""
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 import uuid
@@ -11,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import png
 import pytest
-from conftest import agreement, exchange, post_head, read_png, serve, stop
+from conftest import ROOT, agreement, exchange, post_head, read_png, serve, stop
 from test_processing import png_with_header
 
 import greengrassBrainSegmentationApp as app_module
@@ -287,6 +289,16 @@ def test_settings_read_the_environment_and_flags_win():
     assert app_module.Settings.from_env({"RUNTIME": "mxnet"}, runtime=None).runtime == "mxnet"
     with pytest.raises(SystemExit, match="PORT"):
         app_module.Settings.from_env({"PORT": "five thousand"})
+
+
+def test_the_server_keeps_one_malloc_arena_unless_the_operator_chose(monkeypatch):
+    code = "import greengrassBrainSegmentationApp as app; print(app.one_malloc_arena())"
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True)
+    assert run.stdout.decode().split()[-1] == str(app_module.glibc() is not None)
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert app_module.one_malloc_arena() is False
+    app_module.trim_malloc()  # a no-op without glibc, never an error
 
 
 def test_16_bit_and_8_bit_uploads_of_one_slice_agree(server_url, head_png):
