@@ -236,13 +236,13 @@ def unfilter(block, previous, unit):
         raise ImageError(f"the PNG uses filter type {kinds.max()}, which does not exist")
     count, row_bytes = data.shape
     units = row_bytes // unit
-    if not (kinds - 1).any():  # all Sub: each row is its own running sum
-        return np.cumsum(data.reshape(count, units, unit), axis=1, dtype=np.uint8).reshape(
-            count, row_bytes
-        )
-    if not kinds.any():  # all None
+    # one filter type on every row (PyPNG writes None throughout): one numpy step
+    if (kinds == 0).all():
         return data.copy()
-    if not (kinds - 2).any():  # all Up: a running sum down the rows
+    if (kinds == 1).all():  # Sub: each row is its own running sum
+        rows = np.cumsum(data.reshape(count, units, unit), axis=1, dtype=np.uint8)
+        return rows.reshape(count, row_bytes)
+    if (kinds == 2).all():  # Up: a running sum down the rows
         return np.cumsum(np.vstack([previous, data]), axis=0, dtype=np.uint8)[1:]
     if not np.isin(kinds, (3, 4)).any():
         rows = np.empty_like(data)
@@ -341,8 +341,9 @@ def upper_percentile(values, low, q):
         shifted = values.astype(np.float32) - np.float32(low)
         foreground = shifted[shifted > 0]
         return float(np.percentile(foreground, q)) if foreground.size else 1.0
-    counts = np.bincount(values.ravel())[int(low) :] if values.dtype.kind == "u" else None
-    if counts is None:
+    if values.dtype.kind == "u":
+        counts = np.bincount(values.ravel())[int(low) :]
+    else:  # signed: shifted to start at zero first
         counts = np.bincount((values.astype(np.int64) - int(low)).ravel())
     counts[0] = 0
     total = int(counts.sum())

@@ -45,8 +45,12 @@ class SliceSampler:
         self.real_fraction = real_fraction
         self.pixel_mm = pixel_mm
         self.rng = np.random.default_rng(seed)
-        self.slices = [[brain_slices(v.labels(), p) for p in range(3)] for v in volumes]
-        self.beyond = [[head_slices(v, p) for p in range(3)] for v in volumes]
+        self.slices, self.beyond = [], []
+        for volume in volumes:
+            labels = volume.labels()
+            head = np.argmax(volume.probs, axis=0) != AIR
+            self.slices.append([brain_slices(labels, p) for p in range(3)])
+            self.beyond.append([head_slices(labels, head, p) for p in range(3)])
 
     def batch(self, n):
         """(n, 1, size, size) float32 images and (n, size, size) uint8 targets."""
@@ -98,14 +102,14 @@ class SliceSampler:
         return crop(frame, target, self.size, rng)
 
 
-def head_slices(volume, plane, min_head=0.05):
-    """Indices along `plane` through the head (>= `min_head` not air) but with < 2 % brain.
+def head_slices(labels, head, plane, min_head=0.05):
+    """Indices along `plane` through the `head` mask (>= `min_head` of the slice) that are not
+    brain slices (< 2 % brain in `labels`).
 
     Uploads include slices through the skull base, the eyes, the neck or the vertex; drawn
     only from brain slices, the network never learns that those are mostly not brain.
     """
-    brain = set(brain_slices(volume.labels(), plane).tolist())
-    head = np.argmax(volume.probs, axis=0) != AIR
+    brain = set(brain_slices(labels, plane).tolist())
     per_slice = np.moveaxis(head, plane, 0).reshape(head.shape[plane], -1).mean(1)
     return np.array([i for i in np.flatnonzero(per_slice >= min_head) if i not in brain], int)
 
