@@ -5,6 +5,7 @@ Training imports `normalise` (and the class names and colours) from here, so the
 the model see the same input and speak of the same classes.
 """
 
+import functools
 import io
 import struct
 import zlib
@@ -72,8 +73,10 @@ def decode_png(data):
     Colour is reduced to luminance, alpha is dropped and palette indices are resolved. The
     header's size is checked before any pixel is decompressed, and no more is inflated than
     the header promises (rows x row bytes, every interlace pass counted), so a decompression
-    bomb is refused after a few bytes. Memory is the (H, W) result plus one block of at most
-    BLOCK_BYTES of inflated rows. Any fault in the file is an ImageError (a 4xx).
+    bomb is refused after a few bytes. Memory is the (H, W) result plus one block of inflated
+    rows, BLOCK_BYTES of them (for colour, BLOCK_BYTES per sample plane: 64 MB for 16-bit
+    RGBA) and about three times its share in unfiltering. Any fault in the file is an
+    ImageError (a 4xx).
     """
     reader = open_png(data)
     to_grey = grey_converter(reader)
@@ -82,17 +85,19 @@ def decode_png(data):
     passes = scan_passes(reader)
     try:
         stream = Inflater(idat_chunks(reader))
+        layout = Layout.of(reader)
         for x0, y0, dx, dy, width, height, row_bytes in passes:
-            unit = max(1, reader.planes * reader.bitdepth // 8)
-            block_rows = max(1, BLOCK_BYTES // (1 + row_bytes))
-            previous = np.zeros(row_bytes, np.uint8)
+            # rows per block, as even as they go; colour is sized for one plane, the work
+            # that remains when it turns out to be grey (true colour goes in parts)
+            sized = width * layout.sample if layout.planes >= 3 else 1 + row_bytes
+            blocks = -(-height * sized // BLOCK_BYTES)  # ceiling division
+            block_rows = max(1, -(-height // max(blocks, 1)))
+            previous = np.zeros(width * layout.kept if layout.whole else row_bytes, np.uint8)
             for top in range(0, height, block_rows):
                 count = min(block_rows, height - top)
                 block = np.frombuffer(stream.read(count * (1 + row_bytes)), np.uint8)
-                rows = unfilter(block.reshape(count, 1 + row_bytes), previous, unit)
-                previous = rows[-1]
-                values = unpack(rows, reader.bitdepth, width * reader.planes)
-                grey = to_grey(values.reshape(count, width, reader.planes))
+                block = block.reshape(count, 1 + row_bytes)
+                grey, previous = grey_rows(block, previous, width, layout, to_grey)
                 slice_[y0 + top * dy : y0 + (top + count) * dy : dy, x0::dx] = grey
         stream.finish()
     except (png.Error, EOFError, zlib.error, struct.error, ValueError) as error:
@@ -100,6 +105,70 @@ def decode_png(data):
             f"the PNG is damaged or truncated ({error}); re-export it and retry"
         ) from error
     return slice_
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a PNG's pixels lie in its scanlines, for decoding."""
+
+    bitdepth: int
+    unit: int  # bytes a filter steps back: one pixel, or 1 below 8 bits
+    sample: int  # bytes per sample (1 below 8 bits)
+    kept: int  # bytes per pixel decoded: alpha's are left out
+    planes: int  # samples per pixel decoded
+
+    @classmethod
+    def of(cls, reader):
+        unit = max(1, reader.planes * reader.bitdepth // 8)
+        sample = max(1, reader.bitdepth // 8)
+        # PNG filters never mix a pixel's bytes, so alpha's, dropped anyway, are left out
+        kept = unit - sample if reader.alpha else unit
+        return cls(reader.bitdepth, unit, sample, kept, reader.planes - reader.alpha)
+
+    @property
+    def whole(self):
+        """Whether pixels are whole bytes (8 or 16 bits per sample)."""
+        return self.bitdepth >= 8
+
+
+def grey_rows(block, previous, width, layout, to_grey):
+    """(n, 1 + row_bytes) filtered scanlines -> ((n, width) grey, the last unfiltered row).
+
+    `previous` is the unfiltered row above, as this function returns it.
+    """
+    count, sample = len(block), layout.sample
+    kinds, data = block[:, 0], block[:, 1:]
+    if layout.whole:
+        data = data.reshape(count, width, layout.unit)[:, :, : layout.kept]
+    if layout.planes >= 3 and grey_as_colour(data, previous, sample):
+        # the red plane is the grey: a third of the unfiltering
+        red = np.ascontiguousarray(data[..., :sample]).reshape(count, -1)
+        above = previous.reshape(width, layout.kept)[:, :sample].ravel()
+        red = unfilter(kinds, red, above, sample)
+        previous = np.repeat(red[-1].reshape(width, 1, sample), 3, 1).ravel()
+        return unpack(red, layout.bitdepth, width), previous
+    part = max(1, BLOCK_BYTES // (width * layout.kept)) if layout.planes >= 3 else count
+    parts = []
+    for start in range(0, count, part):
+        rows = data[start : start + part].reshape(-1, data[0].size)
+        rows = unfilter(kinds[start : start + part], rows, previous, layout.kept)
+        previous = rows[-1]
+        values = unpack(rows, layout.bitdepth, width * layout.planes)
+        parts.append(to_grey(values.reshape(len(rows), width, layout.planes)))
+    return np.concatenate(parts) if len(parts) > 1 else parts[0], previous
+
+
+def grey_as_colour(data, previous, sample):
+    """True when a block of RGB pixels, (rows, width, 3 x sample) filtered bytes, and the
+    row above it carry the same bytes in all three planes: a grey slice saved as colour.
+    Filtering maps equal planes to equal planes, so the unfiltered ones are equal too, and
+    their Rec. 601 luma is the red plane exactly."""
+    kind = np.uint16 if sample == 2 else np.uint8  # one element per sample: 10x faster
+    above = previous.reshape(-1, 3 * sample).view(kind)
+    samples = data.view(kind)
+    return all(
+        np.array_equal(group[..., 0], group[..., k]) for group in (above, samples) for k in (1, 2)
+    )
 
 
 def png_size(data):
@@ -222,8 +291,8 @@ class Inflater:
             raise ImageError("the PNG has data after its image stream; re-export it and retry")
 
 
-def unfilter(block, previous, unit):
-    """(n, 1 + row_bytes) filtered scanlines -> (n, row_bytes) uint8 bytes.
+def unfilter(kinds, data, previous, unit):
+    """(n,) filter types and (n, row_bytes) filtered scanlines -> (n, row_bytes) uint8 bytes.
 
     `previous` is the row above the first one (zeros at the top of a pass); `unit` is the
     filter's pixel size in bytes. Filters without a left neighbour (None, Sub, Up) go a row at
@@ -231,7 +300,6 @@ def unfilter(block, previous, unit):
     left, upper and upper-left neighbours are already known, so it costs rows + columns numpy
     steps rather than one Python step per pixel.
     """
-    kinds, data = block[:, 0], block[:, 1:]
     if kinds.size and kinds.max() > 4:
         raise ImageError(f"the PNG uses filter type {kinds.max()}, which does not exist")
     count, row_bytes = data.shape
@@ -256,32 +324,64 @@ def unfilter(block, previous, unit):
                 rows[i] = data[i]
             above = rows[i]
         return rows
-    # Padded with the previous row on top and a zero column on the left, and flattened, so
-    # that pixel (i, x) lives at (i + 1) * (units + 1) + x + 1 and its neighbours never fall
-    # off the edge. Along the diagonal i + x = d those places are evenly spaced: basic slices.
-    padded = np.zeros(((count + 1) * (units + 1), unit), np.int16)
-    padded[1 : units + 1] = previous.reshape(units, unit)
-    filtered = np.ascontiguousarray(data).reshape(count * units, unit)
+    return wavefront(data, kinds, previous, units, unit)
+
+
+def wavefront(data, kinds, previous, units, unit):
+    """unfilter() for blocks with Average or Paeth rows: one numpy step per anti-diagonal.
+
+    Pixel (i, x) is stored at skew[i + x + 2, i + 1], so the diagonal i + x = d is one
+    contiguous run, its left and upper neighbours the run before it and its upper-left ones
+    the run before that; row 0 of the skew holds the previous row and untouched places are
+    the zeros PNG puts beyond the edges. Each pixel's predictor comes from one lookup in
+    predictor_table(), whatever the row's filter.
+    """
+    count = len(data)
+    shape = (count + units + 2, count + 1, unit)
+    known, raw = np.zeros(shape, np.uint8), np.zeros(shape, np.uint8)
+    skew(raw, count, units)[...] = data.reshape(count, units, unit)
+    known[1 : units + 1, 0] = previous.reshape(units, unit)
+    # index = table row of the filter + (b - c + 255) * 511 + (a - c + 255)
+    offsets = (np.maximum(kinds, 1).astype(np.int32) - 1) * 511 * 511 + 255 * 512
+    offsets = int(offsets[0]) if (kinds == kinds[0]).all() else offsets[:, None]
+    plain = (kinds == 0)[:, None] if (kinds == 0).any() else None
+    table = predictor_table()
     for diagonal in range(count + units - 1):
         first, last = max(0, diagonal - units + 1), min(count - 1, diagonal)
-        at = first * units + units + diagonal + 2
-        here = slice(at, at + (last - first) * units + 1, units)
-        a = padded[here.start - 1 : here.stop - 1 : units]
-        b = padded[here.start - units - 1 : here.stop - units - 1 : units]
-        c = padded[here.start - units - 2 : here.stop - units - 2 : units]
-        source = first * (units - 1) + diagonal
-        step = max(units - 1, 1)
-        pa, pb, pc = np.abs(b - c), np.abs(a - c), np.abs(a + b - 2 * c)
-        paeth = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
-        predictor = np.choose(kinds[first : last + 1, None], [0 * a, a, b, (a + b) >> 1, paeth])
-        padded[here] = (
-            filtered[source : source + (last - first) * step + 1 : step] + predictor
-        ) & 0xFF
-    return (
-        padded.reshape(count + 1, units + 1, unit)[1:, 1:]
-        .reshape(count, row_bytes)
-        .astype(np.uint8)
+        here = slice(first + 1, last + 2)
+        a, b = known[diagonal + 1, here], known[diagonal + 1, first : last + 1]
+        c, out = known[diagonal, first : last + 1], known[diagonal + 2, here]
+        index = np.subtract(b, c, dtype=np.int32)
+        index *= 511
+        index += a
+        index -= c
+        index += offsets if isinstance(offsets, int) else offsets[first : last + 1]
+        predictor = table[index]
+        predictor += c
+        np.add(raw[diagonal + 2, here], predictor, out=out)
+        if plain is not None:  # filter None amid Average/Paeth rows: the byte as sent
+            np.copyto(out, raw[diagonal + 2, here], where=plain[first : last + 1])
+    return skew(known, count, units).reshape(count, units * unit)
+
+
+def skew(array, count, units):
+    """The (count, units, unit) view of a wavefront array in which pixel (i, x) is
+    array[i + x + 2, i + 1]."""
+    step, row, byte = array.strides
+    return np.lib.stride_tricks.as_strided(
+        array[2:, 1:], (count, units, array.shape[2]), (step + row, step, byte), writeable=True
     )
+
+
+@functools.cache
+def predictor_table():
+    """PNG predictors minus c, modulo 256, for Sub, Up, Average, Paeth in turn, each indexed
+    by (b - c + 255) * 511 + (a - c + 255), where a is the left, b the upper and c the
+    upper-left byte: uint8, 1 MB."""
+    up, left = np.meshgrid(np.arange(-255, 256), np.arange(-255, 256), indexing="ij")
+    pa, pb, pc = np.abs(up), np.abs(left), np.abs(up + left)
+    paeth = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, up, 0))
+    return (np.stack([left, up, (left + up) >> 1, paeth]) & 0xFF).astype(np.uint8).ravel()
 
 
 def unpack(rows, bitdepth, count):
@@ -297,10 +397,9 @@ def unpack(rows, bitdepth, count):
 
 def grey_converter(reader):
     """A function (n, W, planes) samples -> (n, W) grey, for this PNG's colour type."""
-    weights = np.array([0.299, 0.587, 0.114])
     if reader.colormap:
-        palette = np.array([entry[:3] for entry in reader.palette()], np.float64)
-        lookup = np.round(palette @ weights).astype(np.uint8)
+        palette = np.array([entry[:3] for entry in reader.palette()], np.uint8)
+        lookup = luminance(palette).astype(np.uint8)
 
         def from_palette(samples):
             indices = samples[..., 0]
@@ -314,8 +413,19 @@ def grey_converter(reader):
         return from_palette
     dtype = np.uint16 if reader.bitdepth > 8 else np.uint8
     if reader.planes >= 3:
-        return lambda samples: np.round(samples[..., :3] @ weights).astype(dtype)
+        return lambda samples: luminance(samples).astype(dtype)
     return lambda samples: samples[..., 0].astype(dtype)
+
+
+def luminance(rgb):
+    """(..., 3 or more) integer samples -> Rec. 601 luma 0.299 R + 0.587 G + 0.114 B, rounded
+    half up, in exact integer arithmetic (uint32)."""
+    total = np.multiply(rgb[..., 0], 299, dtype=np.uint32)
+    total += np.multiply(rgb[..., 1], 587, dtype=np.uint32)
+    total += np.multiply(rgb[..., 2], 114, dtype=np.uint32)
+    total += 500
+    total //= 1000
+    return total
 
 
 def normalise(slice_):
@@ -326,10 +436,16 @@ def normalise(slice_):
     (pixels at the minimum) do not count.
     """
     values = np.asarray(slice_)
-    low = values.min() if values.size else 0
-    high = upper_percentile(values, low, 99)
+    low, scale = intensity_range(values)
     shifted = values.astype(np.float32) - np.float32(low)
-    return np.clip(shifted / np.float32(max(high, 1e-6)), 0.0, 2.0).astype(np.float32)
+    return np.clip(shifted / np.float32(scale), 0.0, 2.0).astype(np.float32)
+
+
+def intensity_range(values):
+    """(low, scale) of normalise(): the minimum, and the 99th percentile of the pixels above
+    it, less the minimum (at least 1e-6)."""
+    low = values.min() if values.size else 0
+    return low, max(upper_percentile(values, low, 99), 1e-6)
 
 
 def upper_percentile(values, low, q):
@@ -379,15 +495,15 @@ class Geometry:
         return centre - self.extent / 2 + (np.arange(self.side) + 0.5) * step - 0.5
 
 
-def head_box(image):
+def head_box(image, threshold=HEAD_THRESHOLD):
     """(top, bottom, left, right), bottom/right exclusive, of the head in a normalised slice.
 
     A row or column belongs to the head when enough of its pixels are brighter than
-    `HEAD_THRESHOLD`, so isolated noise pixels do not widen the box. A blank slice gives the
+    `threshold`, so isolated noise pixels do not widen the box. A blank slice gives the
     whole image.
     """
     height, width = image.shape
-    bright = image > HEAD_THRESHOLD
+    bright = image > threshold
     rows = np.flatnonzero(bright.sum(1) >= max(2, round(0.005 * width)))
     columns = np.flatnonzero(bright.sum(0) >= max(2, round(0.005 * height)))
     if not len(rows) or not len(columns):
@@ -403,8 +519,14 @@ def frame_slice(slice_, side):
     matrix change neither what the network sees nor how much work it does.
     """
     slice_, factor = undo_upscaling(slice_)
-    image = normalise(slice_)
-    top, bottom, left, right = head_box(image)
+    low, scale = intensity_range(slice_)
+    if slice_.dtype.kind == "u" and slice_.max() <= low + 2 * scale:
+        # nothing to clip: resample the integers less their minimum, then scale the frame
+        # alone, rather than make a float copy of a large upload
+        image = slice_ - slice_.dtype.type(low) if low else slice_
+    else:
+        image, scale = normalise(slice_), 1.0
+    top, bottom, left, right = head_box(image, HEAD_THRESHOLD * scale)
     extent = max(bottom - top, right - left) * (1 + 2 * HEAD_MARGIN)
     height, width = image.shape
     geometry = Geometry(height, width, (top + bottom) / 2, (left + right) / 2, extent, side, factor)
@@ -413,7 +535,7 @@ def frame_slice(slice_, side):
     frame = resample_rows(
         np.ascontiguousarray(frame.T), geometry.source_coordinates(1), extent / side
     )
-    return np.ascontiguousarray(frame.T), geometry
+    return np.ascontiguousarray(frame.T) / np.float32(scale), geometry
 
 
 def undo_upscaling(slice_):
@@ -535,5 +657,5 @@ def encode_mask(mask, palette=PALETTE):
 
 def class_fractions(mask, names=CLASS_NAMES):
     """Share of pixels in each class, rounded to 4 places, by class name."""
-    counts = np.bincount(mask.ravel(), minlength=len(names))[: len(names)]
+    counts = [np.count_nonzero(mask == k) for k in range(len(names))]  # 3x np.bincount
     return {name: round(float(n) / max(mask.size, 1), 4) for name, n in zip(names, counts)}

@@ -35,8 +35,9 @@ def reference_decode(data):
     width, height, rows, info = png.Reader(bytes=data).asDirect()
     pixels = np.vstack([np.asarray(r) for r in rows]).reshape(height, width, info["planes"])
     dtype = np.uint16 if info["bitdepth"] > 8 else np.uint8
-    if info["planes"] >= 3:
-        return np.round(pixels[..., :3] @ np.array([0.299, 0.587, 0.114])).astype(dtype)
+    if info["planes"] >= 3:  # Rec. 601 luma, rounded half up
+        red, green, blue = (pixels[..., i].astype(np.int64) for i in range(3))
+        return ((299 * red + 587 * green + 114 * blue + 500) // 1000).astype(dtype)
     return pixels[..., 0].astype(dtype)
 
 
@@ -89,6 +90,35 @@ def test_one_filter_type_on_every_row_decodes_as_pypng_does(kind):
     for data in fuzz.seeds(rng, sizes=((37, 29),), kind=kind):
         decoded, expected = processing.decode_png(data), reference_decode(data)
         assert decoded.dtype == expected.dtype and np.array_equal(decoded, expected)
+
+
+@pytest.mark.parametrize("bitdepth", [8, 16])
+@pytest.mark.parametrize("grey_rows", [slice(0, 20), slice(20, 60)])
+def test_grey_saved_as_colour_decodes_exactly_across_blocks(monkeypatch, bitdepth, grey_rows):
+    """Blocks whose planes are equal unfilter only the red plane; blocks that are not, and the
+    rows right after a switch, must still decode exactly, whatever filter each row uses."""
+    monkeypatch.setattr(processing, "BLOCK_BYTES", 600)  # a handful of rows per block
+    rng = np.random.default_rng(bitdepth)
+    top = (1 << bitdepth) - 1
+    pixels = rng.integers(0, top + 1, (60, 23, 4))
+    pixels[grey_rows, :, 1] = pixels[grey_rows, :, 2] = pixels[grey_rows, :, 0]
+    plain = encode(pixels, greyscale=False, alpha=True, bitdepth=bitdepth)
+    for kind in (None, 3, 4):
+        data = fuzz.refilter(plain, rng, kind)
+        decoded, expected = processing.decode_png(data), reference_decode(data)
+        assert np.array_equal(decoded, expected)
+        assert np.array_equal(decoded[grey_rows], pixels[grey_rows, :, 0])
+
+
+def test_average_and_paeth_rows_decode_exactly_across_blocks(monkeypatch):
+    monkeypatch.setattr(processing, "BLOCK_BYTES", 300)
+    rng = np.random.default_rng(7)
+    for bitdepth, greyscale in ((8, True), (16, True), (8, False)):
+        pixels = rng.integers(0, 1 << bitdepth, (45, 31) if greyscale else (45, 31, 3))
+        plain = encode(pixels, greyscale=greyscale, bitdepth=bitdepth)
+        for kind in (None, 3, 4):
+            data = fuzz.refilter(plain, rng, kind)
+            assert np.array_equal(processing.decode_png(data), reference_decode(data))
 
 
 def test_the_16x16_inflation_bomb_is_refused_after_a_few_bytes():
