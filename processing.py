@@ -585,17 +585,35 @@ def mask_from_scores(scores, geometry, rows_per_strip=512):
 
     Each upload pixel takes the class of the bilinearly interpolated scores; pixels outside
     the frame are background. Where the four frame pixels around an upload pixel share one
-    class, so does any blend of them, so only pixels near a class boundary are interpolated,
-    a strip of rows at a time, which keeps large uploads fast and small in memory.
+    class, so does any blend of them, so only pixels near a class boundary are interpolated:
+    a frame row at a time when each spans several upload rows (large uploads), else a strip
+    of rows at a time, which keeps either fast and small in memory.
     """
     labels = first_argmax(scores)
     corner = labels[:-1, :-1]
     settled = (corner == labels[1:, :-1]) & (corner == labels[:-1, 1:]) & (corner == labels[1:, 1:])
     y, x = frame_coordinates(geometry, 0), frame_coordinates(geometry, 1)
-    x0, x1, fx = taps(x, geometry.side)
-    mask = np.zeros((geometry.height, geometry.width), np.uint8)
-    for start in range(0, geometry.height, rows_per_strip):
-        y0, y1, fy = taps(y[start : start + rows_per_strip], geometry.side)
+    x_taps = taps(x, geometry.side)
+    if geometry.height >= 4 * geometry.side:
+        mask = blend_by_frame_row(scores, corner, settled, taps(y, geometry.side), x_taps)
+    else:
+        mask = blend_by_strip(scores, corner, settled, y, x_taps, rows_per_strip)
+    inside_y = (y > -0.5) & (y < geometry.side - 0.5)
+    inside_x = (x > -0.5) & (x < geometry.side - 0.5)
+    mask[~inside_y] = 0
+    mask[:, ~inside_x] = 0
+    if geometry.factor > 1:
+        mask = np.repeat(np.repeat(mask, geometry.factor, 0), geometry.factor, 1)
+    return mask
+
+
+def blend_by_strip(scores, corner, settled, y, x_taps, rows_per_strip):
+    """mask_from_scores() for uploads about the frame's size: (H, W) uint8."""
+    x0, x1, fx = x_taps
+    side = len(corner) + 1
+    mask = np.empty((len(y), len(x0)), np.uint8)
+    for start in range(0, len(y), rows_per_strip):
+        y0, y1, fy = taps(y[start : start + rows_per_strip], side)
         strip = corner[y0][:, x0]
         rows, columns = np.nonzero(~settled[y0][:, x0])
         a, b, c, d = y0[rows], y1[rows], x0[columns], x1[columns]
@@ -605,12 +623,29 @@ def mask_from_scores(scores, geometry, rows_per_strip=512):
         ) * wy
         strip[rows, columns] = first_argmax(blended)
         mask[start : start + rows_per_strip] = strip
-    inside_y = (y > -0.5) & (y < geometry.side - 0.5)
-    inside_x = (x > -0.5) & (x < geometry.side - 0.5)
-    mask[~inside_y] = 0
-    mask[:, ~inside_x] = 0
-    if geometry.factor > 1:
-        mask = np.repeat(np.repeat(mask, geometry.factor, 0), geometry.factor, 1)
+    return mask
+
+
+def blend_by_frame_row(scores, corner, settled, y_taps, x_taps):
+    """mask_from_scores() for uploads several times the frame's size: (H, W) uint8.
+
+    The upload rows between two frame rows share their settled columns and their blend
+    along x, so each frame row costs one gather and one small blend, not one per upload row.
+    """
+    (y0, _, fy), (x0, x1, fx) = y_taps, x_taps
+    mask = np.empty((len(y0), len(x0)), np.uint8)
+    edges = np.flatnonzero(np.diff(y0)) + 1
+    for start, stop in zip(np.r_[0, edges], np.r_[edges, len(y0)]):
+        j = y0[start]
+        mask[start:stop] = corner[j, x0]
+        columns = np.flatnonzero(~settled[j, x0])
+        if not len(columns):
+            continue
+        c, d, wx = x0[columns], x1[columns], fx[columns]
+        upper = scores[:, j, c] * (1 - wx) + scores[:, j, d] * wx
+        lower = scores[:, j + 1, c] * (1 - wx) + scores[:, j + 1, d] * wx
+        wy = fy[start:stop, None]
+        mask[start:stop, columns] = first_argmax(upper[:, None] * (1 - wy) + lower[:, None] * wy)
     return mask
 
 

@@ -304,10 +304,16 @@ def test_scores_map_back_to_the_upload_size():
     assert not mask[:24].any() and not mask[:, :14].any() and not mask[:, 266:].any()
 
 
-def test_scores_are_interpolated_bilinearly():
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        processing.Geometry(90, 70, 45.0, 35.0, 64.0, 32),  # by strips
+        processing.Geometry(300, 170, 150.0, 80.0, 230.0, 32),  # by frame rows
+    ],
+)
+def test_scores_are_interpolated_bilinearly(geometry):
     rng = np.random.default_rng(2)
     scores = rng.normal(size=(4, 32, 32)).astype(np.float32)
-    geometry = processing.Geometry(90, 70, 45.0, 35.0, 64.0, 32)
     mask = processing.mask_from_scores(scores, geometry, rows_per_strip=7)
     y, x = processing.frame_coordinates(geometry, 0), processing.frame_coordinates(geometry, 1)
     inside_y, inside_x = (y > -0.5) & (y < 31.5), (x > -0.5) & (x < 31.5)
