@@ -140,18 +140,18 @@ def grey_rows(block, previous, width, layout, to_grey):
     kinds, data = block[:, 0], block[:, 1:]
     if layout.whole:
         data = data.reshape(count, width, layout.unit)[:, :, : layout.kept]
+    else:
+        data = data[:, :, None]  # below 8 bits filters step back one byte
     if layout.planes >= 3 and grey_as_colour(data, previous, sample):
         # the red plane is the grey: a third of the unfiltering
-        red = np.ascontiguousarray(data[..., :sample]).reshape(count, -1)
         above = previous.reshape(width, layout.kept)[:, :sample].ravel()
-        red = unfilter(kinds, red, above, sample)
+        red = unfilter(kinds, data[..., :sample], above)
         previous = np.repeat(red[-1].reshape(width, 1, sample), 3, 1).ravel()
         return unpack(red, layout.bitdepth, width), previous
     part = max(1, BLOCK_BYTES // (width * layout.kept)) if layout.planes >= 3 else count
     parts = []
     for start in range(0, count, part):
-        rows = data[start : start + part].reshape(-1, data[0].size)
-        rows = unfilter(kinds[start : start + part], rows, previous, layout.kept)
+        rows = unfilter(kinds[start : start + part], data[start : start + part], previous)
         previous = rows[-1]
         values = unpack(rows, layout.bitdepth, width * layout.planes)
         parts.append(to_grey(values.reshape(len(rows), width, layout.planes)))
@@ -291,28 +291,29 @@ class Inflater:
             raise ImageError("the PNG has data after its image stream; re-export it and retry")
 
 
-def unfilter(kinds, data, previous, unit):
-    """(n,) filter types and (n, row_bytes) filtered scanlines -> (n, row_bytes) uint8 bytes.
+def unfilter(kinds, pixels, previous):
+    """(n,) filter types and (n, units, unit) filtered bytes -> (n, units x unit) uint8 bytes.
 
-    `previous` is the row above the first one (zeros at the top of a pass); `unit` is the
-    filter's pixel size in bytes. Filters without a left neighbour (None, Sub, Up) go a row at
-    a time; a block with Average or Paeth rows goes along anti-diagonals, where every pixel's
-    left, upper and upper-left neighbours are already known, so it costs rows + columns numpy
-    steps rather than one Python step per pixel.
+    `unit` is the filter's pixel size in bytes; `pixels` may be any view (alpha or colour
+    planes left out). `previous` is the row above the first one (zeros at the top of a pass).
+    Filters without a left neighbour (None, Sub, Up) go a row at a time; a block with Average
+    or Paeth rows goes along anti-diagonals, where every pixel's left, upper and upper-left
+    neighbours are already known, so it costs rows + columns numpy steps rather than one
+    Python step per pixel.
     """
     if kinds.size and kinds.max() > 4:
         raise ImageError(f"the PNG uses filter type {kinds.max()}, which does not exist")
-    count, row_bytes = data.shape
-    units = row_bytes // unit
+    count, units, unit = pixels.shape
     # one filter type on every row (PyPNG writes None throughout): one numpy step
     if (kinds == 0).all():
-        return data.copy()
+        return np.array(pixels).reshape(count, -1)
     if (kinds == 1).all():  # Sub: each row is its own running sum
-        rows = np.cumsum(data.reshape(count, units, unit), axis=1, dtype=np.uint8)
-        return rows.reshape(count, row_bytes)
+        return np.cumsum(pixels, axis=1, dtype=np.uint8).reshape(count, -1)
     if (kinds == 2).all():  # Up: a running sum down the rows
-        return np.cumsum(np.vstack([previous, data]), axis=0, dtype=np.uint8)[1:]
+        rows = np.vstack([previous, pixels.reshape(count, -1)])
+        return np.cumsum(rows, axis=0, dtype=np.uint8)[1:]
     if not np.isin(kinds, (3, 4)).any():
+        data = np.array(pixels).reshape(count, -1)
         rows = np.empty_like(data)
         above = previous
         for i, kind in enumerate(kinds):
@@ -324,10 +325,10 @@ def unfilter(kinds, data, previous, unit):
                 rows[i] = data[i]
             above = rows[i]
         return rows
-    return wavefront(data, kinds, previous, units, unit)
+    return wavefront(pixels, kinds, previous)
 
 
-def wavefront(data, kinds, previous, units, unit):
+def wavefront(pixels, kinds, previous):
     """unfilter() for blocks with Average or Paeth rows: one numpy step per anti-diagonal.
 
     Pixel (i, x) is stored at skew[i + x + 2, i + 1], so the diagonal i + x = d is one
@@ -336,10 +337,10 @@ def wavefront(data, kinds, previous, units, unit):
     the zeros PNG puts beyond the edges. Each pixel's predictor comes from one lookup in
     predictor_table(), whatever the row's filter.
     """
-    count = len(data)
+    count, units, unit = pixels.shape
     shape = (count + units + 2, count + 1, unit)
     known, raw = np.zeros(shape, np.uint8), np.zeros(shape, np.uint8)
-    skew(raw, count, units)[...] = data.reshape(count, units, unit)
+    skew(raw, count, units)[...] = pixels
     known[1 : units + 1, 0] = previous.reshape(units, unit)
     # index = table row of the filter + (b - c + 255) * 511 + (a - c + 255)
     offsets = (np.maximum(kinds, 1).astype(np.int32) - 1) * 511 * 511 + 255 * 512
