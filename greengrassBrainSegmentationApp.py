@@ -582,6 +582,9 @@ def start_server(settings=None, app=None):
         expose_tracebacks=False,
     )
     server.channel_class = channel_class(UploadMemory(settings.upload_memory_mb * 1024 * 1024))
+    # waitress warns at every request that waits for a worker thread: under load thousands
+    # of lines an hour on a Pi's SD card, saying only that the PixelBudget queue is working
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     return server
 
 

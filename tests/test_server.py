@@ -61,6 +61,23 @@ def test_150_slow_clients_do_not_lock_out_normal_requests(model, t1_png):
         stop(server)
 
 
+def test_requests_waiting_for_a_thread_do_not_flood_the_log(model, t1_png, caplog):
+    server, url = serve(app_module.Settings(host="127.0.0.1", port=0, threads=1), model)
+
+    def post(_):
+        req = urllib.request.Request(url + "/", t1_png, {"Content-Type": "image/png"})
+        with urllib.request.urlopen(req, timeout=60) as response:
+            return response.status
+
+    try:
+        with caplog.at_level("INFO"), ThreadPoolExecutor(6) as pool:
+            statuses = list(pool.map(post, range(12)))
+    finally:
+        stop(server)
+    assert statuses == [200] * 12
+    assert not [r for r in caplog.records if r.name == "waitress.queue"]
+
+
 def test_the_shared_upload_memory_cap_answers_503_before_the_body(model, t1_png):
     settings = app_module.Settings(host="127.0.0.1", port=0, max_upload_mb=2, upload_memory_mb=1)
     server, url = serve(settings, model)
