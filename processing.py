@@ -65,6 +65,8 @@ ADAM7 = [
 ]
 # Inflated rows handled at a time: bounds decoding memory whatever the image's size.
 BLOCK_BYTES = 16 * 1024 * 1024
+# Each of the two arrays that unfilter Average/Paeth rows (a 4096² 8-bit block fits in one)
+WAVE_BYTES = 40 * 1024 * 1024
 
 
 def decode_png(data):
@@ -74,9 +76,9 @@ def decode_png(data):
     header's size is checked before any pixel is decompressed, and no more is inflated than
     the header promises (rows x row bytes, every interlace pass counted), so a decompression
     bomb is refused after a few bytes. Memory is the (H, W) result plus one block of inflated
-    rows, BLOCK_BYTES of them (for colour, BLOCK_BYTES per sample plane: 64 MB for 16-bit
-    RGBA) and about three times its share in unfiltering. Any fault in the file is an
-    ImageError (a 4xx).
+    rows, about BLOCK_BYTES of them (for colour, BLOCK_BYTES per sample plane: 64 MB for
+    16-bit RGBA), and two arrays of at most WAVE_BYTES to unfilter Average and Paeth rows.
+    Any fault in the file is an ImageError (a 4xx).
     """
     reader = open_png(data)
     to_grey = grey_converter(reader)
@@ -89,7 +91,7 @@ def decode_png(data):
         for x0, y0, dx, dy, width, height, row_bytes in passes:
             # rows per block, as even as they go; colour is sized for one plane, the work
             # that remains when it turns out to be grey (true colour goes in parts)
-            sized = width * layout.sample if layout.planes >= 3 else 1 + row_bytes
+            sized = width * layout.sample if layout.planes >= 3 else row_bytes
             blocks = -(-height * sized // BLOCK_BYTES)  # ceiling division
             block_rows = max(1, -(-height // max(blocks, 1)))
             previous = np.zeros(width * layout.kept if layout.whole else row_bytes, np.uint8)
@@ -329,7 +331,23 @@ def unfilter(kinds, pixels, previous):
 
 
 def wavefront(pixels, kinds, previous):
-    """unfilter() for blocks with Average or Paeth rows: one numpy step per anti-diagonal.
+    """unfilter() for blocks with Average or Paeth rows, in as few row chunks as keep each of
+    wave()'s two arrays, (rows + units) x rows x unit bytes, within WAVE_BYTES: a tall, narrow
+    block would otherwise cost memory in the square of its height."""
+    count, units, unit = pixels.shape
+    rows = count
+    while rows > 1 and (rows + units + 2) * (rows + 1) * unit > WAVE_BYTES:
+        rows = (rows + 1) // 2
+    parts = []
+    for start in range(0, count, rows):
+        part = wave(pixels[start : start + rows], kinds[start : start + rows], previous)
+        parts.append(part)
+        previous = part[-1]
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def wave(pixels, kinds, previous):
+    """unfilter() along anti-diagonals: one numpy step per diagonal.
 
     Pixel (i, x) is stored at skew[i + x + 2, i + 1], so the diagonal i + x = d is one
     contiguous run, its left and upper neighbours the run before it and its upper-left ones

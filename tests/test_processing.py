@@ -110,8 +110,11 @@ def test_grey_saved_as_colour_decodes_exactly_across_blocks(monkeypatch, bitdept
         assert np.array_equal(decoded[grey_rows], pixels[grey_rows, :, 0])
 
 
-def test_average_and_paeth_rows_decode_exactly_across_blocks(monkeypatch):
-    monkeypatch.setattr(processing, "BLOCK_BYTES", 300)
+@pytest.mark.parametrize("block_bytes, wave_bytes", [(300, 40 << 20), (1 << 20, 3000)])
+def test_average_and_paeth_rows_decode_exactly_across_blocks(monkeypatch, block_bytes, wave_bytes):
+    """Blocks of inflated rows, and the row chunks that bound unfiltering's memory."""
+    monkeypatch.setattr(processing, "BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(processing, "WAVE_BYTES", wave_bytes)
     rng = np.random.default_rng(7)
     for bitdepth, greyscale in ((8, True), (16, True), (8, False)):
         pixels = rng.integers(0, 1 << bitdepth, (45, 31) if greyscale else (45, 31, 3))
