@@ -124,6 +124,32 @@ def test_average_and_paeth_rows_decode_exactly_across_blocks(monkeypatch, block_
             assert np.array_equal(processing.decode_png(data), reference_decode(data))
 
 
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA", "I;16", "colour"])
+def test_pngs_written_by_pillow_decode_as_pillow_reads_them(mode):
+    """Pillow, like libpng, picks a filter per row (here mostly Paeth): a real encoder's files."""
+    image = pytest.importorskip("PIL.Image")
+    slice_ = read_png(DATA / "icbm2009a_axial100.png")
+    if mode == "I;16":
+        picture = image.fromarray(slice_.astype(np.uint16) * 257)
+    elif mode == "colour":  # planes that differ: true colour
+        rng = np.random.default_rng(0)
+        planes = [slice_, np.roll(slice_, 5, 0), rng.integers(0, 256, slice_.shape)]
+        picture = image.fromarray(np.stack(planes, 2).astype(np.uint8), "RGB")
+    else:
+        picture = image.fromarray(slice_, "L").convert(mode)
+    out = io.BytesIO()
+    picture.save(out, "PNG")
+    data = out.getvalue()
+    kinds = fuzz.scanlines(data)[:: len(fuzz.scanlines(data)) // slice_.shape[0]]
+    assert {3, 4} & set(kinds), "Pillow wrote no Average or Paeth row"
+    pixels = np.asarray(image.open(io.BytesIO(data))).astype(np.int64)
+    if pixels.ndim == 3 and pixels.shape[2] >= 3:  # Rec. 601 luma, rounded half up
+        pixels = (299 * pixels[..., 0] + 587 * pixels[..., 1] + 114 * pixels[..., 2] + 500) // 1000
+    elif pixels.ndim == 3:
+        pixels = pixels[..., 0]
+    assert np.array_equal(processing.decode_png(data), pixels)
+
+
 def test_the_16x16_inflation_bomb_is_refused_after_a_few_bytes():
     deflate = zlib.compressobj(9)
     zeros = bytes(1 << 20)
