@@ -92,9 +92,11 @@ def test_one_filter_type_on_every_row_decodes_as_pypng_does(kind):
         assert decoded.dtype == expected.dtype and np.array_equal(decoded, expected)
 
 
-@pytest.mark.parametrize("bitdepth", [8, 16])
+@pytest.mark.parametrize("bitdepth, interlace", [(8, False), (16, False), (8, True)])
 @pytest.mark.parametrize("grey_rows", [slice(0, 20), slice(20, 60)])
-def test_grey_saved_as_colour_decodes_exactly_across_blocks(monkeypatch, bitdepth, grey_rows):
+def test_grey_saved_as_colour_decodes_exactly_across_blocks(
+    monkeypatch, bitdepth, interlace, grey_rows
+):
     """Blocks whose planes are equal unfilter only the red plane; blocks that are not, and the
     rows right after a switch, must still decode exactly, whatever filter each row uses."""
     monkeypatch.setattr(processing, "BLOCK_BYTES", 600)  # a handful of rows per block
@@ -102,7 +104,7 @@ def test_grey_saved_as_colour_decodes_exactly_across_blocks(monkeypatch, bitdept
     top = (1 << bitdepth) - 1
     pixels = rng.integers(0, top + 1, (60, 23, 4))
     pixels[grey_rows, :, 1] = pixels[grey_rows, :, 2] = pixels[grey_rows, :, 0]
-    plain = encode(pixels, greyscale=False, alpha=True, bitdepth=bitdepth)
+    plain = encode(pixels, greyscale=False, alpha=True, bitdepth=bitdepth, interlace=interlace)
     for kind in (None, 3, 4):
         data = fuzz.refilter(plain, rng, kind)
         decoded, expected = processing.decode_png(data), reference_decode(data)
