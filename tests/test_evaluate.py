@@ -29,8 +29,15 @@ def test_command_on_slice_label_pairs(tmp_path):
     (tmp_path / "a.png").write_bytes((DATA / "icbm2009a_axial100.png").read_bytes())
     label = read_png(DATA / "icbm2009a_axial100_label.png")
     png.from_array(label, "L").save(tmp_path / "a_label.png")
-    result = run_module("training.evaluate", "--pairs", tmp_path, "--qc", tmp_path / "qc.png")
+    result = run_module(
+        "training.evaluate", "--pairs", tmp_path, "--qc", tmp_path / "qc.png",
+        "--worst", tmp_path / "worst.png", "--worst-count", "1",
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
+    worst = [line for line in result.stdout.splitlines() if line.startswith("worst a -")]
+    assert [line.split(": ")[1].split()[0] for line in worst] == ["outside", "inside"]
+    assert 0 <= float(worst[1].split()[-1].rstrip("%")) <= 100
+    assert png.Reader(filename=str(tmp_path / "worst.png")).read()[1] > 200
     rows = [line.split() for line in result.stdout.splitlines() if line.split()[1:2] == ["pairs"]]
     assert [r[4] for r in rows] == ["enet", "multi-otsu"]
     assert all(0 <= float(v) <= 1 for r in rows for v in r[5:])

@@ -9,6 +9,7 @@
 The model is loaded through `load_model.py`, exactly as the server loads it. Besides Dice per
 class, the table gives `outside`: the share of pixels beyond the reference brain dilated by
 2 mm that the model calls tissue, and `inside`: the share of reference brain it calls tissue.
+--worst draws the skull-on slices that score worst on those two: where to look first.
 """
 
 import argparse
@@ -45,6 +46,12 @@ def main(argv=None):
     )  # fmt: skip
     parser.add_argument("--qc", help="write a QC sheet PNG: input | mask | reference")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser.add_argument(
+        "--worst", metavar="PNG",
+        help="write a sheet (and print a list) of the skull-on slices with the most tissue "
+        "called outside the brain and the least of the brain called tissue",
+    )  # fmt: skip
+    parser.add_argument("--worst-count", type=int, default=6, help="slices of each kind")
     args = parser.parse_args(argv)
 
     if args.pairs:
@@ -66,6 +73,8 @@ def main(argv=None):
     print_table(slices, predictions, baseline, args.markdown)
     if args.qc:
         write_qc(args.qc, slices, predictions)
+    if args.worst:
+        write_worst(args.worst, slices, predictions, args.worst_count)
 
 
 def validation_slices(volumes, every=3, degradations=False):
@@ -95,6 +104,7 @@ def validation_slices(volumes, every=3, degradations=False):
                         "volume": volume.name,
                         "brain": volume.family,
                         "spacing": spacing,
+                        "index": int(index),
                     }
                     raw = planes(image, plane)[index] * scale
                     slices.append({**base, "raw": to_uint16(raw), "variant": variant})
@@ -314,6 +324,42 @@ def write_qc(path, slices, predictions):
     figure.savefig(path, dpi=110)
     plt.close(figure)
     print(f"qc: {path}")
+
+
+def write_worst(path, slices, predictions, count):
+    """A sheet of the slices that fail the brain outline worst: the `count` skull-on slices
+    (every slice when none has a skull) with the largest share of tissue beyond the brain,
+    and the `count` with the smallest share of the brain called tissue; one row each, input |
+    mask | reference, named and scored. The same list is printed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pool = [i for i, s in enumerate(slices) if s["variant"] == "skull"] or range(len(slices))
+    scored = {i: brain_outline([slices[i]], [predictions[i]]) for i in pool}
+    outside = sorted(pool, key=lambda i: -scored[i][0])[:count]
+    inside = sorted(pool, key=lambda i: scored[i][1])[:count]
+    rows = [(i, "outside", scored[i][0]) for i in outside]
+    rows += [(i, "inside", scored[i][1]) for i in inside]
+    palette = np.array(PALETTE, np.float32) / 255
+    figure, axes = plt.subplots(len(rows), 3, figsize=(5.4, 1.6 * len(rows)), squeeze=False)
+    for cells, (i, kind, share) in zip(axes, rows):
+        s = slices[i]
+        name = f"{s['volume']} {s['plane']} #{s.get('index', '-')}: {kind} {share:.1%}"
+        print(f"worst {name}")
+        image = s["raw"].astype(np.float32)
+        image /= max(float(np.percentile(image, 99.5)), 1e-6)
+        pictures = (np.clip(image, 0, 1), palette[predictions[i]], palette[s["target"]])
+        for ax, picture in zip(cells, pictures):
+            ax.imshow(np.rot90(picture), cmap="gray", interpolation="nearest")
+            ax.axis("off")
+        cells[1].set_title(name, fontsize=7)
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    print(f"worst: {path}")
 
 
 if __name__ == "__main__":
