@@ -302,15 +302,9 @@ def write_qc(path, slices, predictions):
             if not members:
                 continue
             s, predicted = members[len(members) // 2]
-            image = s["raw"].astype(np.float32)
-            image /= max(float(np.percentile(image, 99.5)), 1e-6)
-            for ax, picture, title in zip(
-                cells,
-                (np.clip(image, 0, 1), palette[predicted], palette[s["target"]]),
-                (variant, "mask", "reference"),
-            ):
-                ax.imshow(np.rot90(picture), cmap="gray", interpolation="nearest")
-                if row == 0:
+            draw_row(cells, s, predicted)
+            if row == 0:
+                for ax, title in zip(cells, (variant, "mask", "reference")):
                     ax.set_title(title, fontsize=8)
             if col == 0:
                 cells[0].text(
@@ -342,24 +336,30 @@ def write_worst(path, slices, predictions, count):
     inside = sorted(pool, key=lambda i: scored[i][1])[:count]
     rows = [(i, "outside", scored[i][0]) for i in outside]
     rows += [(i, "inside", scored[i][1]) for i in inside]
-    palette = np.array(PALETTE, np.float32) / 255
     figure, axes = plt.subplots(len(rows), 3, figsize=(5.4, 1.6 * len(rows)), squeeze=False)
     for cells, (i, kind, share) in zip(axes, rows):
         s = slices[i]
         name = f"{s['volume']} {s['plane']} #{s.get('index', '-')}: {kind} {share:.1%}"
         print(f"worst {name}")
-        image = s["raw"].astype(np.float32)
-        image /= max(float(np.percentile(image, 99.5)), 1e-6)
-        pictures = (np.clip(image, 0, 1), palette[predictions[i]], palette[s["target"]])
-        for ax, picture in zip(cells, pictures):
-            ax.imshow(np.rot90(picture), cmap="gray", interpolation="nearest")
+        for ax in cells:
             ax.axis("off")
+        draw_row(cells, s, predictions[i])
         cells[1].set_title(name, fontsize=7)
     figure.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     plt.close(figure)
     print(f"worst: {path}")
+
+
+def draw_row(cells, s, predicted):
+    """Input (windowed at its 99.5th percentile) | mask | reference of one slice, in 3 axes."""
+    palette = np.array(PALETTE, np.float32) / 255
+    image = s["raw"].astype(np.float32)
+    image /= max(float(np.percentile(image, 99.5)), 1e-6)
+    pictures = (np.clip(image, 0, 1), palette[predicted], palette[s["target"]])
+    for ax, picture in zip(cells, pictures):
+        ax.imshow(np.rot90(picture), cmap="gray", interpolation="nearest")
 
 
 if __name__ == "__main__":
