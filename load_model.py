@@ -18,7 +18,6 @@ import os
 import platform
 import re
 import threading
-import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -169,13 +168,9 @@ class Model:
 
         A `timings` dict gets "forward_ms", the network's own share of the time.
         """
-        frame, geometry = processing.frame_slice(slice_, self.meta["frame_side"])
-        batch = np.repeat(frame[None, None], self.meta["input_channels"], axis=1)
-        started = time.perf_counter()
-        scores = self.predict(batch)[0]
-        if timings is not None:
-            timings["forward_ms"] = round((time.perf_counter() - started) * 1000, 1)
-        return processing.mask_from_scores(scores, geometry)
+        return processing.segment_with(
+            self.predict, slice_, self.meta["frame_side"], self.meta["input_channels"], timings
+        )
 
     def describe(self):
         """Facts for /health and /model."""

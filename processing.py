@@ -8,6 +8,7 @@ the model see the same input and speak of the same classes.
 import functools
 import io
 import struct
+import time
 import zlib
 from dataclasses import dataclass
 
@@ -597,6 +598,21 @@ def resample_rows(image, coordinates, step):
     for tap in range(source.shape[1]):
         out += kernel[:, tap, None] * image[source[:, tap]]
     return out
+
+
+def segment_with(predict, slice_, side, channels=1, timings=None):
+    """(H, W) slice -> (H, W) uint8 classes: frame it, `predict` the frame, map the scores back.
+
+    `predict` takes a (1, channels, side, side) float32 batch and returns (1, K, side, side)
+    scores. A `timings` dict gets "forward_ms", the network's own share of the time.
+    """
+    frame, geometry = frame_slice(slice_, side)
+    batch = np.repeat(frame[None, None], channels, axis=1)
+    started = time.perf_counter()
+    scores = predict(batch)[0]
+    if timings is not None:
+        timings["forward_ms"] = round((time.perf_counter() - started) * 1000, 1)
+    return mask_from_scores(scores, geometry)
 
 
 def mask_from_scores(scores, geometry, rows_per_strip=512):

@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from processing import CLASS_NAMES as CLASSES
-from processing import FRAME_SIDE, PALETTE, frame_slice, mask_from_scores
+from processing import FRAME_SIDE, PALETTE, segment_with
 from training.data import brain_slices, load_templates, planes
 
 PLANES = ("sagittal", "coronal", "axial")
@@ -153,13 +153,10 @@ def predict_slices(net, slices, side=FRAME_SIDE):
     """Masks from a Gluon network for each slice dict (training-time validation)."""
     import mxnet as mx
 
-    masks = []
-    for s in slices:
-        frame, geometry = frame_slice(s["raw"], side)
-        batch = np.repeat(frame[None, None], net.in_channels, axis=1)
-        scores = net(mx.nd.array(batch)).asnumpy()[0]
-        masks.append(mask_from_scores(scores, geometry))
-    return masks
+    def predict(batch):
+        return net(mx.nd.array(batch)).asnumpy()
+
+    return [segment_with(predict, s["raw"], side, net.in_channels) for s in slices]
 
 
 def dice_scores(slices, predictions, where=lambda s: True):
