@@ -137,6 +137,8 @@ def test_a_short_run_learns_and_writes_the_sagemaker_layout(toy_volumes, tmp_pat
         "0.01",
         "--seed",
         "1",
+        "--hold-out",
+        "none",
     ]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -167,7 +169,7 @@ def test_a_short_run_learns_and_writes_the_sagemaker_layout(toy_volumes, tmp_pat
 
 def test_a_restarted_run_resumes_from_its_checkpoint(toy_volumes, tmp_path):
     common = ["--data-dir", toy_volumes, "--run-dir", tmp_path / "run", "--iterations", 2,
-              "--batch-size", 2, "--size", 32]  # fmt: skip
+              "--batch-size", 2, "--size", 32, "--hold-out", "none"]  # fmt: skip
     for epochs in (1, 2):
         result = run_module("training.train", *common, "--epochs", epochs)
         assert result.returncode == 0, result.stderr[-2000:]
@@ -179,6 +181,14 @@ def test_a_restarted_run_resumes_from_its_checkpoint(toy_volumes, tmp_path):
     assert result.returncode == 0 and "epoch 3" not in result.stdout
     meta = json.loads((tmp_path / "last" / "model-meta.json").read_text())
     assert meta["training"]["epoch"] == 2 and meta["training"]["selected"] == "last"
+
+
+def test_holding_out_a_family_that_is_not_there_is_a_one_line_error(toy_volumes, tmp_path):
+    result = run_module("training.train", "--data-dir", toy_volumes, "--run-dir", tmp_path,
+                        "--hold-out", "spn")  # fmt: skip
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "error: --hold-out must be one of toy or none, not 'spn'"
+    assert not (tmp_path / "state.json").exists()
 
 
 def test_soft_dice_loss_is_zero_for_a_perfect_prediction():

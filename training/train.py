@@ -59,7 +59,8 @@ def parse_args(argv=None):
     parser.add_argument(
         "--hold-out",
         default="spm",
-        help="template family kept out of training and used for validation",
+        help="template family kept out of training and used for validation; none: train on "
+        "every brain and validate on their own slices",
     )
     parser.add_argument("--epochs", type=int, default=25)
     parser.add_argument("--iterations", type=int, default=100, help="batches per epoch")
@@ -94,9 +95,10 @@ def parse_args(argv=None):
     parser.add_argument(
         "--parcel-fraction",
         type=float,
-        default=0.5,
+        default=0.0,
         help="share of synthetic slices whose head beyond the brain is cut into random blobs "
-        "of their own intensity (0: one intensity per tissue class, as before)",
+        "of their own intensity (on trial; the bundled model used 0: one intensity per tissue "
+        "class)",
     )
     parser.add_argument(
         "--pixel-mm", default="0.5,3",
@@ -224,11 +226,17 @@ def load_volumes(args):
         train_pairs, val_pairs = data.split_patients(pairs)
         return data.load_oasis(train_pairs), data.load_oasis(val_pairs)
     volumes = data.load_templates(args.data_dir)
-    held = [v for v in volumes if v.family == args.hold_out]
+    if args.hold_out == "none":
+        return volumes, volumes
+    families = sorted({v.family for v in volumes})
+    if args.hold_out not in families:
+        raise SystemExit(
+            f"error: --hold-out must be one of {', '.join(families)} or none, not '{args.hold_out}'"
+        )
     kept = [v for v in volumes if v.family != args.hold_out]
     if not kept:
         raise SystemExit(f"error: holding out '{args.hold_out}' leaves nothing to train on")
-    return kept, held or kept
+    return kept, [v for v in volumes if v.family == args.hold_out]
 
 
 def segmentation_loss(probabilities, targets, weights, ce_weight):
