@@ -199,7 +199,7 @@ def train(args):
                 if args.export == "best":
                     export(net, model_dir, args, scores, state)
             checkpoint(run_dir, net, trainer, state)
-            plot_curve(state["history"], run_dir / "curve.png")
+            plot_curve(state["history"], run_dir / "curve.png", validation_title(args))
     if rank == 0 and args.export == "last":
         # the last epoch, chosen without looking at validation scores
         export(
@@ -362,8 +362,13 @@ def export(net, model_dir, args, scores, state):
         log(f"warning: no {load_model.ONNX_NAME} for epoch {epoch}: {error}")
 
 
-def plot_curve(history, path):
-    """Training loss and held-out Dice per class, per epoch, as a PNG."""
+def validation_title(args):
+    """What the validation Dice of a run measures, for its curve."""
+    return "Dice on the training brains" if args.hold_out == "none" else "held-out Dice"
+
+
+def plot_curve(history, path, title="held-out Dice"):
+    """Training loss and validation Dice per class, per epoch, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -375,7 +380,7 @@ def plot_curve(history, path):
     left.set(xlabel="epoch", ylabel="training loss (1 - soft Dice)", title="loss")
     for name in CLASS_NAMES:
         right.plot(epochs, [h[f"dice_{name}"] for h in history], marker="o", label=name)
-    right.set(xlabel="epoch", ylabel="Dice", ylim=(0, 1), title="held-out Dice")
+    right.set(xlabel="epoch", ylabel="Dice", ylim=(0, 1), title=title)
     right.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
