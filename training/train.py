@@ -29,7 +29,7 @@ import load_model
 from processing import CLASS_NAMES, FRAME_SIDE, NORMALISATION, PALETTE
 from training import data, export_onnx
 from training.enet import ENet
-from training.evaluate import dice_scores, predict_slices, validation_slices
+from training.evaluate import brain_outline, dice_scores, predict_slices, validation_slices
 from training.synth import SliceSampler
 
 
@@ -104,6 +104,11 @@ def parse_args(argv=None):
         "--pixel-mm", default="0.5,3",
         help="range of in-plane pixel sizes (mm) that training slices are resampled to",
     )  # fmt: skip
+    parser.add_argument(
+        "--head-crops", type=float, default=0.0,
+        help="share of training crops centred anywhere on the head rather than near the brain "
+        "(on trial; the bundled model used 0)",
+    )  # fmt: skip
     parser.add_argument("--init", help="start from these parameters (fine-tuning)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -140,6 +145,7 @@ def train(args):
         pixel_mm,
         args.frame_side,
         parcel_fraction=args.parcel_fraction,
+        head_crops=args.head_crops,
     )
     validation = validation_slices(val_volumes)
     log(
@@ -177,12 +183,17 @@ def train(args):
             trainer.step(1)
             losses.append(float(loss.asscalar()))
         seconds = time.time() - started
-        scores = dice_scores(validation, predict_slices(net, validation, args.frame_side))
+        masks = predict_slices(net, validation, args.frame_side)
+        scores = dice_scores(validation, masks)
+        outline = {}
+        if any(map(skull_on, validation)):
+            outline = dict(zip(("outside", "inside"), brain_outline(validation, masks, skull_on)))
         mean_tissue = float(np.mean([scores[c] for c in CLASS_NAMES[1:]]))
         log(
             f"epoch {epoch + 1}/{args.epochs} loss {np.mean(losses):.4f} "
             f"{seconds / args.iterations:.2f} s/batch lr {trainer.learning_rate:.2e} "
             + " ".join(f"dice_{c} {scores[c]:.3f}" for c in CLASS_NAMES)
+            + "".join(f" skull-on {k} {v:.3f}" for k, v in outline.items())
         )
         state["epoch"] = epoch + 1
         state.setdefault("history", []).append(
@@ -191,6 +202,7 @@ def train(args):
                 "loss": float(np.mean(losses)),
                 "seconds": seconds,
                 **{f"dice_{c}": round(float(scores[c]), 4) for c in CLASS_NAMES},
+                **{k: round(float(v), 4) for k, v in outline.items()},
             }
         )
         if rank == 0:
@@ -349,6 +361,7 @@ def export(net, model_dir, args, scores, state):
             "pixel_mm": args.pixel_mm,
             "real_fraction": args.real_fraction,
             "parcel_fraction": args.parcel_fraction,
+            "head_crops": args.head_crops,
             "init": args.init,
             "class_weights": args.class_weights,
         },
@@ -360,6 +373,11 @@ def export(net, model_dir, args, scores, state):
         log(f"wrote {onnx_path.name}: {export_onnx.describe(report)}")
     except export_onnx.ExportError as error:  # the server then runs the model with MXNet
         log(f"warning: no {load_model.ONNX_NAME} for epoch {epoch}: {error}")
+
+
+def skull_on(slice_):
+    """Validation slices that show the head (`brain_outline` of stripped ones says little)."""
+    return slice_["variant"] == "skull"
 
 
 def validation_title(args):
