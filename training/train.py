@@ -105,6 +105,11 @@ def parse_args(argv=None):
         help="range of in-plane pixel sizes (mm) that training slices are resampled to",
     )  # fmt: skip
     parser.add_argument(
+        "--decoy-fraction", type=float, default=0.0,
+        help="share of synthetic slices whose soft tissue gets another slice's grey/white "
+        "folds at the brain's own intensities, labelled background (on trial; bundled: 0)",
+    )  # fmt: skip
+    parser.add_argument(
         "--head-crops", type=float, default=0.0,
         help="share of training crops centred anywhere on the head rather than near the brain "
         "(on trial; the bundled model used 0)",
@@ -146,6 +151,7 @@ def train(args):
         args.frame_side,
         parcel_fraction=args.parcel_fraction,
         head_crops=args.head_crops,
+        decoy_fraction=args.decoy_fraction,
     )
     validation = validation_slices(val_volumes)
     log(
@@ -362,6 +368,7 @@ def export(net, model_dir, args, scores, state):
             "real_fraction": args.real_fraction,
             "parcel_fraction": args.parcel_fraction,
             "head_crops": args.head_crops,
+            "decoy_fraction": args.decoy_fraction,
             "init": args.init,
             "class_weights": args.class_weights,
         },
