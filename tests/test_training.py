@@ -97,26 +97,6 @@ def test_sampler_without_parcels_draws_as_before(toy_volumes):
     assert not np.array_equal(default[0], on[0])
 
 
-def test_head_crops_reach_the_head_far_from_the_brain(toy_volumes):
-    """Crops near the brain always hold some; crops anywhere on the head also show the face
-    and neck alone. Off (the default), the sampler draws exactly as before."""
-    from training import synth
-    from training.data import load_templates
-
-    frame = np.ones((100, 100), np.float32)  # head everywhere, brain in one corner
-    target = np.zeros((100, 100), np.uint8)
-    target[:20, :20] = 2
-    rng = np.random.default_rng(0)
-    near = [synth.crop(frame, target, 40, rng)[1].any() for _ in range(50)]
-    anywhere = [synth.crop(frame, target, 40, rng, anywhere=True)[1].any() for _ in range(50)]
-    assert all(near) and 0 < sum(anywhere) < 40, sum(anywhere)
-
-    volumes = load_templates(toy_volumes)
-    default = SliceSampler(volumes, size=32, seed=5, frame_side=48).batch(3)
-    off = SliceSampler(volumes, size=32, seed=5, frame_side=48, head_crops=0.0).batch(3)
-    assert np.array_equal(default[0], off[0])
-
-
 def test_decoys_put_brain_levels_in_soft_tissue_and_leave_the_brain_alone(toy_volumes):
     from training import synth
     from training.data import load_templates

@@ -38,11 +38,9 @@ class SliceSampler:
         frame_side=FRAME_SIDE,
         beyond_brain=0.15,
         parcel_fraction=0.0,
-        head_crops=0.0,
         decoy_fraction=0.0,
     ):
         self.volumes = volumes
-        self.head_crops = head_crops
         self.decoy_fraction = decoy_fraction
         self.beyond_brain = beyond_brain
         self.parcel_fraction = parcel_fraction
@@ -113,9 +111,7 @@ class SliceSampler:
         image, labels = export(image, labels, rng)
         frame, geometry = frame_slice(image, self.frame_side)
         target = frame_labels(labels, geometry)
-        # no draw when off, so runs without head crops stay as they were
-        anywhere = bool(self.head_crops) and rng.random() < self.head_crops
-        return crop(frame, target, self.size, rng, anywhere)
+        return crop(frame, target, self.size, rng)
 
 
 def head_slices(labels, head, plane, min_head=0.05):
@@ -331,20 +327,13 @@ def frame_labels(labels, geometry):
     return target
 
 
-def crop(frame, target, size, rng, anywhere=False):
-    """A random (size, size) window of the frame, centred near the brain, or `anywhere` on
-    the head: crops near the brain show only about half of the head beyond it, and the face
-    and neck of skull-base slices least of all.
-    """
+def crop(frame, target, size, rng):
+    """A random (size, size) window of the frame, centred near the brain."""
     side = frame.shape[0]
     if size >= side:
         return frame, target
-    head = np.argwhere(frame > 0.1 * max(float(frame.max()), 1e-6)) if anywhere else []
     brain = np.argwhere(target > 0)
-    if len(head):
-        centre = head[rng.integers(len(head))].astype(float)
-    else:
-        centre = brain.mean(0) if len(brain) else np.array([side / 2, side / 2])
-        centre = centre + rng.normal(0, size / 5, 2)
+    centre = brain.mean(0) if len(brain) else np.array([side / 2, side / 2])
+    centre = centre + rng.normal(0, size / 5, 2)
     top, left = np.clip(np.round(centre - size / 2).astype(int), 0, side - size)
     return frame[top : top + size, left : left + size], target[top : top + size, left : left + size]

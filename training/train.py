@@ -109,11 +109,6 @@ def parse_args(argv=None):
         help="share of synthetic slices whose soft tissue gets another slice's grey/white "
         "folds at the brain's own intensities, labelled background (on trial; bundled: 0)",
     )  # fmt: skip
-    parser.add_argument(
-        "--head-crops", type=float, default=0.0,
-        help="share of training crops centred anywhere on the head rather than near the brain "
-        "(on trial; the bundled model used 0)",
-    )  # fmt: skip
     parser.add_argument("--init", help="start from these parameters (fine-tuning)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -150,7 +145,6 @@ def train(args):
         pixel_mm,
         args.frame_side,
         parcel_fraction=args.parcel_fraction,
-        head_crops=args.head_crops,
         decoy_fraction=args.decoy_fraction,
     )
     validation = validation_slices(val_volumes)
@@ -367,7 +361,6 @@ def export(net, model_dir, args, scores, state):
             "pixel_mm": args.pixel_mm,
             "real_fraction": args.real_fraction,
             "parcel_fraction": args.parcel_fraction,
-            "head_crops": args.head_crops,
             "decoy_fraction": args.decoy_fraction,
             "init": args.init,
             "class_weights": args.class_weights,
