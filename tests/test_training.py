@@ -97,32 +97,6 @@ def test_sampler_without_parcels_draws_as_before(toy_volumes):
     assert not np.array_equal(default[0], on[0])
 
 
-def test_decoys_put_brain_levels_in_soft_tissue_and_leave_the_brain_alone(toy_volumes):
-    from training import synth
-    from training.data import load_templates
-
-    classes = np.zeros((64, 64), int)
-    classes[:, 32:] = synth.SOFT
-    classes[:32, :32], classes[32:, :32] = synth.GREY, synth.WHITE
-    probs = np.eye(synth.CLASSES, dtype=np.float32)[classes].transpose(2, 0, 1)
-    image = np.where(classes == synth.SOFT, 0.1, np.where(classes == synth.GREY, 0.4, 0.8))
-    pattern = np.zeros((64, 64), np.uint8)
-    pattern[:, ::4] = 2  # grey stripes on white: a fold pattern wherever it is shifted
-    pattern[:, 1::4] = 3
-    decoyed = synth.add_decoys(image, probs, pattern, np.random.default_rng(1))
-    brain = classes != synth.SOFT
-    assert np.array_equal(decoyed[brain], image[brain])
-    soft = decoyed[~brain]
-    assert 0.4 <= (np.abs(soft - 0.1) > 0.15).mean() <= 0.6  # half the columns changed
-    assert np.abs(np.median(soft[soft > 0.25]) - 0.6) < 0.25  # at grey/white, not at 0.1
-
-    volumes = load_templates(toy_volumes)
-    default = SliceSampler(volumes, size=32, seed=5, frame_side=48).batch(3)
-    off = SliceSampler(volumes, size=32, seed=5, frame_side=48, decoy_fraction=0.0).batch(3)
-    on = SliceSampler(volumes, size=32, seed=5, frame_side=48, decoy_fraction=1.0).batch(3)
-    assert np.array_equal(default[0], off[0]) and not np.array_equal(default[0], on[0])
-
-
 def epochs_from_log(text):
     """[(loss, mean tissue dice)] per epoch line of a training log."""
     rows = []

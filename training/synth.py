@@ -14,7 +14,7 @@ import numpy as np
 from scipy import ndimage
 
 from processing import FRAME_SIDE, frame_slice
-from training.data import brain_slices, planes
+from training.data import brain_slices
 from training.sources import TARGET_OF
 
 # Generation classes: the 7 of `training.sources`, then 3 that only procedural heads use.
@@ -38,10 +38,8 @@ class SliceSampler:
         frame_side=FRAME_SIDE,
         beyond_brain=0.15,
         parcel_fraction=0.0,
-        decoy_fraction=0.0,
     ):
         self.volumes = volumes
-        self.decoy_fraction = decoy_fraction
         self.beyond_brain = beyond_brain
         self.parcel_fraction = parcel_fraction
         self.frame_side = frame_side
@@ -49,10 +47,9 @@ class SliceSampler:
         self.real_fraction = real_fraction
         self.pixel_mm = pixel_mm
         self.rng = np.random.default_rng(seed)
-        self.slices, self.beyond, self.labels = [], [], []
+        self.slices, self.beyond = [], []
         for volume in volumes:
             labels = volume.labels()
-            self.labels.append(labels if decoy_fraction else None)
             head = np.argmax(volume.probs, axis=0) != AIR
             self.slices.append([brain_slices(labels, p) for p in range(3)])
             self.beyond.append([head_slices(labels, head, p) for p in range(3)])
@@ -97,10 +94,6 @@ class SliceSampler:
             if self.parcel_fraction and rng.random() < self.parcel_fraction:
                 parcels = int(rng.integers(3, 13))
             image = synthesise(probs, rng, parcels)
-            if self.decoy_fraction and rng.random() < self.decoy_fraction:
-                others = self.slices[v][plane]
-                pattern = planes(self.labels[v], plane)[int(rng.choice(others))]
-                image = add_decoys(image, probs, pattern, rng)
         head = np.argmax(probs, axis=0) != AIR
         strip = rng.random() < (0.25 if not use_real or has_skull(image, labels) else 1.0)
         if strip and (labels > 0).any():  # a stripped slice without brain would be blank
@@ -211,27 +204,6 @@ def synthesise(probs, rng, parcels=0):
     levels = rng.uniform(0, 1, (CLASSES, parcels))
     levels[: WHITE + 1] = means[: WHITE + 1, None]  # air and the brain stay one mean each
     return (probs * levels[:, blobs]).sum(0) + texture
-
-
-def add_decoys(image, probs, pattern, rng):
-    """Paint another slice's grey/white `pattern`, shifted at random, into the soft tissue.
-
-    A real skull base or face shows muscles, fat and glands of grey- and white-matter
-    intensity in folded shapes; the network must learn that brain-like texture outside the
-    skull is not brain. The decoys take this image's own grey and white levels; the labels
-    stay background.
-    """
-    levels = []  # `pattern` holds targets, whose grey (2) and white (3) match GREY and WHITE
-    for k in (GREY, WHITE):
-        inside = probs[k] > 0.9
-        found = inside.sum() > 20
-        levels.append(float(np.median(image[inside])) if found else rng.uniform(*BRAIN_MEANS[k]))
-    shift = [int(rng.integers(n)) for n in pattern.shape]
-    pattern = np.roll(pattern, shift, axis=(0, 1))
-    level = np.where(pattern == GREY, levels[0], levels[1]) * rng.uniform(0.9, 1.1)
-    weight = (probs[SOFT] + probs[FAT]) * (pattern >= GREY)
-    texture = rng.normal(0, rng.uniform(0, 0.04), image.shape)
-    return image * (1 - weight) + weight * (level + texture)
 
 
 def acquire(image, labels, head, spacing, rng, pixel_mm_range, frame_side):

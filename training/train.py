@@ -104,11 +104,6 @@ def parse_args(argv=None):
         "--pixel-mm", default="0.5,3",
         help="range of in-plane pixel sizes (mm) that training slices are resampled to",
     )  # fmt: skip
-    parser.add_argument(
-        "--decoy-fraction", type=float, default=0.0,
-        help="share of synthetic slices whose soft tissue gets another slice's grey/white "
-        "folds at the brain's own intensities, labelled background (on trial; bundled: 0)",
-    )  # fmt: skip
     parser.add_argument("--init", help="start from these parameters (fine-tuning)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -145,7 +140,6 @@ def train(args):
         pixel_mm,
         args.frame_side,
         parcel_fraction=args.parcel_fraction,
-        decoy_fraction=args.decoy_fraction,
     )
     validation = validation_slices(val_volumes)
     log(
@@ -361,7 +355,6 @@ def export(net, model_dir, args, scores, state):
             "pixel_mm": args.pixel_mm,
             "real_fraction": args.real_fraction,
             "parcel_fraction": args.parcel_fraction,
-            "decoy_fraction": args.decoy_fraction,
             "init": args.init,
             "class_weights": args.class_weights,
         },
