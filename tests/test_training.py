@@ -68,35 +68,6 @@ def test_sampler_also_draws_head_slices_with_little_brain(toy_volumes):
     assert tissue[1.0] < 0.1 and tissue[1.0] < tissue[0.0] / 3, tissue
 
 
-def test_parcels_vary_the_head_beyond_the_brain_and_leave_the_brain_alone():
-    from training import synth
-
-    classes = np.zeros((96, 96), int)
-    classes[:, 48:] = synth.SOFT  # half the slice soft tissue, a quarter grey, a quarter white
-    classes[:48, :48], classes[48:, :48] = synth.GREY, synth.WHITE
-    probs = np.eye(synth.CLASSES, dtype=np.float32)[classes].transpose(2, 0, 1)
-    spread = {0: [], 8: []}
-    for seed in range(12):
-        for parcels in spread:
-            image = synth.synthesise(probs, np.random.default_rng(seed), parcels)
-            grey = image[classes == synth.GREY]
-            assert grey.std() < 0.07  # the brain keeps one mean and a light texture
-            spread[parcels].append(image[classes == synth.SOFT].std())
-    assert np.median(spread[0]) < 0.07 < np.median(spread[8]), spread
-
-
-def test_sampler_without_parcels_draws_as_before(toy_volumes):
-    """parcel_fraction=0 takes no random draw of its own: earlier runs stay reproducible."""
-    from training.data import load_templates
-
-    volumes = load_templates(toy_volumes)
-    default = SliceSampler(volumes, size=32, seed=5, frame_side=48).batch(3)
-    off = SliceSampler(volumes, size=32, seed=5, frame_side=48, parcel_fraction=0.0).batch(3)
-    on = SliceSampler(volumes, size=32, seed=5, frame_side=48, parcel_fraction=1.0).batch(3)
-    assert np.array_equal(default[0], off[0])
-    assert not np.array_equal(default[0], on[0])
-
-
 def epochs_from_log(text):
     """[(loss, mean tissue dice)] per epoch line of a training log."""
     rows = []

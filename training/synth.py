@@ -37,11 +37,9 @@ class SliceSampler:
         pixel_mm=(0.5, 3.0),
         frame_side=FRAME_SIDE,
         beyond_brain=0.15,
-        parcel_fraction=0.0,
     ):
         self.volumes = volumes
         self.beyond_brain = beyond_brain
-        self.parcel_fraction = parcel_fraction
         self.frame_side = frame_side
         self.size = size
         self.real_fraction = real_fraction
@@ -90,10 +88,7 @@ class SliceSampler:
             image = slab_mean(volume.image, plane, index, slab)
             image = image / max(float(image.max()), 1e-6)
         else:
-            parcels = 0  # no draw when off, so runs without parcels stay as they were
-            if self.parcel_fraction and rng.random() < self.parcel_fraction:
-                parcels = int(rng.integers(3, 13))
-            image = synthesise(probs, rng, parcels)
+            image = synthesise(probs, rng)
         head = np.argmax(probs, axis=0) != AIR
         strip = rng.random() < (0.25 if not use_real or has_skull(image, labels) else 1.0)
         if strip and (labels > 0).any():  # a stripped slice without brain would be blank
@@ -177,14 +172,11 @@ def smooth_field(shape, rng, amplitude, control=6):
     ]
 
 
-def synthesise(probs, rng, parcels=0):
+def synthesise(probs, rng):
     """(K, H, W) probabilities -> (H, W) image: a random mean and texture per class.
 
     Brain classes are mostly T1-ordered (MPRAGE to spin echo); every other class of the
-    head takes any intensity, so the network must tell scalp from cortex by shape. With
-    `parcels`, the head beyond the brain is also cut into that many random blobs, each class
-    taking its own intensity in each: a real face, neck or skull base holds many tissues of
-    many intensities (muscles, glands, sinuses, orbits), brain-like ones among them.
+    head takes any intensity, so the network must tell scalp from cortex by shape.
     """
     means = rng.uniform(0, 1, CLASSES)
     if rng.random() < 0.85:
@@ -196,14 +188,7 @@ def synthesise(probs, rng, parcels=0):
     spread = rng.uniform(0, 0.06, CLASSES)
     noise = rng.normal(0, 1, probs.shape[1:])
     texture = np.tensordot(spread, probs, 1) * noise
-    if not parcels:
-        return np.tensordot(means, probs, 1) + texture
-    shape = probs.shape[1:]
-    fields = [smooth_field(shape, rng, 1, int(rng.integers(3, 10))) for _ in range(parcels)]
-    blobs = np.argmax(fields, axis=0)
-    levels = rng.uniform(0, 1, (CLASSES, parcels))
-    levels[: WHITE + 1] = means[: WHITE + 1, None]  # air and the brain stay one mean each
-    return (probs * levels[:, blobs]).sum(0) + texture
+    return np.tensordot(means, probs, 1) + texture
 
 
 def acquire(image, labels, head, spacing, rng, pixel_mm_range, frame_side):

@@ -93,14 +93,6 @@ def parse_args(argv=None):
         help="share of slices that use the volume's real image, not a synthetic one",
     )
     parser.add_argument(
-        "--parcel-fraction",
-        type=float,
-        default=0.0,
-        help="share of synthetic slices whose head beyond the brain is cut into random blobs "
-        "of their own intensity (on trial; the bundled model used 0: one intensity per tissue "
-        "class)",
-    )
-    parser.add_argument(
         "--pixel-mm", default="0.5,3",
         help="range of in-plane pixel sizes (mm) that training slices are resampled to",
     )  # fmt: skip
@@ -139,7 +131,6 @@ def train(args):
         args.seed + rank,
         pixel_mm,
         args.frame_side,
-        parcel_fraction=args.parcel_fraction,
     )
     validation = validation_slices(val_volumes)
     log(
@@ -354,7 +345,6 @@ def export(net, model_dir, args, scores, state):
             "ce_weight": args.ce_weight,
             "pixel_mm": args.pixel_mm,
             "real_fraction": args.real_fraction,
-            "parcel_fraction": args.parcel_fraction,
             "init": args.init,
             "class_weights": args.class_weights,
         },
