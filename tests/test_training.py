@@ -117,6 +117,11 @@ def test_a_short_run_learns_and_writes_the_sagemaker_layout(toy_volumes, tmp_pat
     assert len(epochs) == 6
     assert epochs[-1][0] < epochs[0][0], "the loss must fall"
     assert max(d for _, d in epochs[1:]) > epochs[0][1] + 0.1, "tissue Dice must rise"
+    # the toy head has a skull: each epoch also scores the brain outline on skull-on slices
+    history = json.loads((tmp_path / "output" / "state.json").read_text())["history"]
+    assert all(0 <= h["outside"] <= 1 and 0 <= h["inside"] <= 1 for h in history)
+    assert history[-1]["inside"] > history[0]["inside"] or history[-1]["inside"] > 0.5
+    assert result.stdout.count("skull-on outside") == 6
     files = sorted(p.name for p in (tmp_path / "model").iterdir())
     assert files == [
         "model-0000.params",
