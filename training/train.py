@@ -155,6 +155,7 @@ def train(args):
     # The saved optimiser carries its old schedule; a resumed run follows this run's --epochs.
     trainer._optimizer.lr_scheduler = schedule
     weights = mx.nd.array([float(w) for w in args.class_weights.split(",")])
+    scores = None  # the last epoch's validation Dice, reused by --export last
 
     for epoch in range(state["epoch"], args.epochs):
         sampler.rng = np.random.default_rng([args.seed, rank, epoch])
@@ -198,14 +199,11 @@ def train(args):
             checkpoint(run_dir, net, trainer, state)
             plot_curve(state["history"], run_dir / "curve.png", validation_title(args))
     if rank == 0 and args.export == "last":
-        # the last epoch, chosen without looking at validation scores
-        export(
-            net,
-            model_dir,
-            args,
-            dice_scores(validation, predict_slices(net, validation, args.frame_side)),
-            state,
-        )
+        # the last epoch, chosen without looking at validation scores; a finished run that is
+        # rerun only to export it has none yet
+        if scores is None:
+            scores = dice_scores(validation, predict_slices(net, validation, args.frame_side))
+        export(net, model_dir, args, scores, state)
     return state
 
 
