@@ -147,7 +147,22 @@ def classify(image, head, iterations=25):
         variance = variance[:, None, None, None]
         posterior = priors * np.exp(-0.5 * deviation**2 / variance) / np.sqrt(variance)
         posterior /= posterior.sum(0) + 1e-12
-    return with_head(posterior[2], posterior[0], posterior[1], posterior)
+    classes = with_head(posterior[2], posterior[0], posterior[1], posterior)
+    brain = one_brain(TARGET_OF[np.argmax(classes, axis=0)] > 0)
+    return with_head(posterior[2] * brain, posterior[0] * brain, posterior[1] * brain, posterior)
+
+
+def one_brain(labelled):
+    """The largest 26-connected piece of a 3D brain mask: a brain is one piece.
+
+    EM with population priors also gives brain classes to fluid and soft tissue that look
+    like it: on Colin27, both eyeballs (as CSF) and some 430 specks in the scalp and neck.
+    Outside this piece, `with_head` hands their probability to 'other', labelled background.
+    """
+    pieces, count = ndimage.label(labelled, structure=np.ones((3, 3, 3)))
+    if count < 2:
+        return labelled
+    return pieces == 1 + np.argmax(np.bincount(pieces.ravel())[1:])
 
 
 def resample(volume, source_affine, shape, target_affine):
