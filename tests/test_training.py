@@ -68,50 +68,6 @@ def test_sampler_also_draws_head_slices_with_little_brain(toy_volumes):
     assert tissue[1.0] < 0.1 and tissue[1.0] < tissue[0.0] / 3, tissue
 
 
-def test_eyes_sit_at_the_orbits_and_are_never_painted_over_the_brain():
-    from scipy import ndimage
-
-    from training import synth
-
-    labels = np.zeros((60, 60, 60), np.uint8)
-    labels[10:50, 10:50, 20:50] = 2  # a box of brain, 2 mm voxels
-    eyes = synth.eye_balls(labels, np.float32([2, 2, 2]))
-    pieces, count = ndimage.label(eyes)
-    assert count == 2
-    ball = 4 / 3 * np.pi * synth.EYE_RADIUS_MM**3 / 8  # voxels
-    for k in (1, 2):
-        assert abs((pieces == k).sum() - ball) < 0.15 * ball
-    centres = sorted(
-        (np.array(np.nonzero(pieces == k)).mean(1) for k in (1, 2)), key=lambda c: c[0]
-    )
-    assert centres[0][0] < 30 < centres[1][0]  # one each side of the midline
-    assert centres[0][1] > 40 and centres[0][2] < 30  # anterior and low
-
-    probs = np.zeros((synth.CLASSES, 60, 60), np.float32)
-    probs[synth.SOFT] = 1
-    probs[:, :, :30] = 0
-    probs[synth.GREY, :, :30] = 1  # brain over the left half of the slice
-    eye = np.zeros((60, 60), bool)
-    eye[20:40, 20:40] = True
-    painted = synth.add_eyes(probs, eye, np.random.default_rng(0))
-    assert (painted[:, :, :30] == probs[:, :, :30]).all()
-    assert (painted[synth.EYE][20:40, 30:40] == 1).all()
-    assert (synth.TARGETS[np.argmax(painted, axis=0)][:, 30:] == 0).all()
-
-
-def test_the_sampler_paints_eyes_only_when_asked(toy_volumes):
-    from training.data import load_templates
-
-    volumes = load_templates(toy_volumes)
-    plain = SliceSampler(volumes, size=32, seed=5, frame_side=48).batch(4)
-    off = SliceSampler(volumes, size=32, seed=5, frame_side=48, eye_fraction=0.0).batch(4)
-    assert all((a == b).all() for a, b in zip(plain, off))  # the same draws when off
-    images, targets = SliceSampler(volumes, size=32, seed=5, frame_side=48, eye_fraction=1.0).batch(
-        4
-    )
-    assert set(np.unique(targets)) <= {0, 1, 2, 3} and np.isfinite(images).all()
-
-
 def epochs_from_log(text):
     """[(loss, mean tissue dice)] per epoch line of a training log."""
     rows = []

@@ -22,10 +22,6 @@ AIR, CSF, GREY, WHITE, BONE, SOFT, OTHER, FAT, MARROW, EYE = range(10)
 CLASSES = 10
 TARGETS = np.concatenate([TARGET_OF, np.zeros(3, np.uint8)])
 # T1-like mean intensity ranges of the brain classes; the rest of the head is random.
-# Eyeball centres as fractions of the brain's bounding box (x, y anterior, z superior) and
-# radius: where Colin27's are, in the 2 mm MNI grid it shares with SPM's averages.
-EYE_CENTRES = ((0.26, 0.90, 0.19), (0.73, 0.90, 0.19))
-EYE_RADIUS_MM = 12.0
 BRAIN_MEANS = {AIR: (0.0, 0.08), CSF: (0.03, 0.35), GREY: (0.3, 0.65), WHITE: (0.55, 1.0)}
 
 
@@ -41,11 +37,8 @@ class SliceSampler:
         pixel_mm=(0.5, 3.0),
         frame_side=FRAME_SIDE,
         beyond_brain=0.15,
-        eye_fraction=0.0,
     ):
         self.volumes = volumes
-        self.eye_fraction = eye_fraction
-        self.eyes = [eye_balls(v.labels(), v.spacing) for v in volumes] if eye_fraction else []
         self.beyond_brain = beyond_brain
         self.frame_side = frame_side
         self.size = size
@@ -90,8 +83,6 @@ class SliceSampler:
             probs = procedural_head(probs, in_plane, rng)
         elif not use_real:
             probs = split_soft_tissue(probs, rng)
-        if self.eye_fraction and not use_real and rng.random() < self.eye_fraction:
-            probs = add_eyes(probs, slab_mean(self.eyes[v], plane, index, slab) > 0.5, rng)
         labels = TARGETS[np.argmax(probs, axis=0)]
         if use_real:
             image = slab_mean(volume.image, plane, index, slab)
@@ -160,35 +151,6 @@ def procedural_head(probs, spacing, rng):
     result = head * rest
     result[CSF : WHITE + 1] += probs[CSF : WHITE + 1]
     return result
-
-
-def eye_balls(labels, spacing):
-    """(X, Y, Z) bool: two eyeballs where Colin27's lie relative to the brain's bounding box."""
-    brain = np.nonzero(labels > 0)
-    low = np.array([axis.min() for axis in brain])
-    high = np.array([axis.max() for axis in brain])
-    axes = np.ogrid[tuple(slice(0, n) for n in labels.shape)]
-    eyes = np.zeros(labels.shape, bool)
-    for centre in EYE_CENTRES:
-        voxel = low + np.array(centre) * (high - low)
-        distance = sum(((a - c) * s) ** 2 for a, c, s in zip(axes, voxel, spacing))
-        eyes |= distance < EYE_RADIUS_MM**2
-    return eyes
-
-
-def add_eyes(probs, eyes, rng):
-    """Paint eyeballs (their own class) in a rim of orbital fat over the head, not the brain.
-
-    Labelled background: a round ball of fluid in a bright rim must not pass for a ventricle.
-    """
-    brain = probs[CSF : WHITE + 1].sum(0) > 0.5
-    fat = ndimage.binary_dilation(eyes, iterations=int(rng.integers(1, 4))) & ~eyes
-    probs = probs.copy()
-    for mask, generation_class in ((fat, FAT), (eyes, EYE)):
-        mask = mask & ~brain
-        probs[:, mask] = 0
-        probs[generation_class, mask] = 1
-    return probs
 
 
 def split_soft_tissue(probs, rng):

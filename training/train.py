@@ -96,10 +96,6 @@ def parse_args(argv=None):
         "--pixel-mm", default="0.5,3",
         help="range of in-plane pixel sizes (mm) that training slices are resampled to",
     )  # fmt: skip
-    parser.add_argument(
-        "--eye-fraction", type=float, default=0.0,
-        help="share of synthetic slices with eyeballs and orbital fat painted at the orbits",
-    )  # fmt: skip
     parser.add_argument("--init", help="start from these parameters (fine-tuning)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -135,7 +131,6 @@ def train(args):
         args.seed + rank,
         pixel_mm,
         args.frame_side,
-        eye_fraction=args.eye_fraction,
     )
     validation = validation_slices(val_volumes)
     log(
@@ -348,7 +343,6 @@ def export(net, model_dir, args, scores, state):
             "ce_weight": args.ce_weight,
             "pixel_mm": args.pixel_mm,
             "real_fraction": args.real_fraction,
-            "eye_fraction": args.eye_fraction,
             "init": args.init,
             "class_weights": args.class_weights,
         },
