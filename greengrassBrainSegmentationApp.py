@@ -49,7 +49,7 @@ class Settings:
     host: str = "0.0.0.0"  # HOST
     port: int = 5000  # PORT
     model_dir: str = ""  # MODEL_DIR; empty = search Greengrass paths, then bundled
-    runtime: str = "auto"  # RUNTIME: auto (ONNX Runtime if it can, else MXNet), onnxruntime, mxnet
+    runtime: str = "auto"  # RUNTIME: auto (the first that runs), openvino, onnxruntime, mxnet
     threads: int = 4  # THREADS: waitress worker threads
     max_upload_mb: float = 64.0  # MAX_UPLOAD_MB: larger bodies get 413
     max_volume_megavoxels: float = 32.0  # MAX_VOLUME_MEGAVOXELS: larger volumes get 413
@@ -774,7 +774,7 @@ def main(argv=None):
     parser.add_argument(
         "--runtime",
         choices=load_model.RUNTIMES,
-        help="what runs the network (RUNTIME, default auto: ONNX Runtime if it can, else MXNet)",
+        help="what runs the network (RUNTIME; default auto: OpenVINO, ONNX Runtime or MXNet)",
     )
     parser.add_argument(
         "--check",

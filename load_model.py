@@ -1,4 +1,4 @@
-"""Find and load the segmentation model; run it with ONNX Runtime or MXNet on the CPU.
+"""Find and load the segmentation model; run it with OpenVINO, ONNX Runtime or MXNet on the CPU.
 
 A model directory holds `<prefix>-symbol.json` and `<prefix>-NNNN.params` (the highest NNNN
 wins), optionally `<prefix>-shapes.json`, `model-meta.json` and `model.onnx`: what a SageMaker
@@ -7,8 +7,9 @@ keys) and Gluon parameter files (bare names) both load. `model.onnx` is the same
 exported by `python -m training.export_onnx DIR`.
 
 The rest of the code sees `Model.predict(batch) -> logits` and `Model.segment(slice) -> mask`,
-whichever runtime runs the network: ONNX Runtime when it is installed and the folder has
-`model.onnx` (the only choice on a Raspberry Pi, where MXNet does not import), else MXNet.
+whichever runtime runs the network. `auto` takes the first that can run here: OpenVINO, then
+ONNX Runtime (both need `model.onnx`; on a Raspberry Pi, where MXNet does not import,
+requirements.txt installs ONNX Runtime only), then MXNet.
 """
 
 import hashlib
@@ -17,6 +18,7 @@ import logging
 import os
 import platform
 import re
+import sys
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -33,7 +35,7 @@ os.environ.setdefault("MXNET_SUBGRAPH_VERBOSE", "0")
 GREENGRASS_PATH = "/greengrass-machine-learning/mxnet/segmentation-net/"
 BUNDLED_PATH = Path(__file__).resolve().parent / "model" / "segmentation-net"
 ONNX_NAME = "model.onnx"
-RUNTIMES = ("auto", "onnxruntime", "mxnet")
+RUNTIMES = ("auto", "openvino", "onnxruntime", "mxnet")
 # What a checkpoint without model-meta.json or shapes file is taken to be: a Gluon export
 # (whose input is always "data") of a one-channel network; these are the only copies.
 DEFAULT_META = {
@@ -184,24 +186,22 @@ class Model:
 
 
 def open_runtime(choice, files, meta, model_id):
-    """The runtime for `choice`: auto takes ONNX Runtime when it can, else MXNet."""
+    """The runtime for `choice`: auto takes the first of OpenVINO, ONNX Runtime, MXNet that can."""
     if choice not in RUNTIMES:
         raise ModelError(f"RUNTIME/--runtime must be one of {', '.join(RUNTIMES)}, not {choice!r}")
-    reason = None
-    if choice in ("auto", "onnxruntime"):
+    reasons = []
+    for runtime in (OpenVinoRuntime, OnnxRuntime, MxnetRuntime):
+        if choice not in ("auto", runtime.name):
+            continue
         try:
-            return OnnxRuntime(files, meta, model_id)
+            opened = runtime(files, meta, model_id)
         except RuntimeUnavailable as error:
-            if choice == "onnxruntime":
-                raise ModelError(str(error)) from error
-            reason = str(error)
-    try:
-        runtime = MxnetRuntime(files, meta)
-    except RuntimeUnavailable as error:
-        raise ModelError(" ".join(filter(None, [reason and reason + ";", str(error)]))) from error
-    if reason:
-        log.info("running the model with MXNet: %s", reason)
-    return runtime
+            reasons.append(str(error))
+            continue
+        if reasons:
+            log.info("running the model with %s: %s", runtime.name, "; ".join(reasons))
+        return opened
+    raise ModelError("; ".join(reasons))
 
 
 class RuntimeUnavailable(ModelError):
@@ -214,11 +214,7 @@ class OnnxRuntime:
     name = "onnxruntime"
 
     def __init__(self, files, meta, model_id):
-        if files.onnx is None:
-            raise RuntimeUnavailable(
-                f"no {ONNX_NAME} in {files.params.parent} "
-                f"(make it with: python -m training.export_onnx {files.params.parent})"
-            )
+        need_onnx(files)
         try:
             import onnxruntime
         except ImportError as error:
@@ -234,13 +230,9 @@ class OnnxRuntime:
             )
         except Exception as error:  # ORT raises its own exception types for a bad file
             raise ModelError(f"cannot load {files.onnx}: {first_line(error)}") from error
-        exported_from = self.session.get_modelmeta().custom_metadata_map.get("model_id")
-        if exported_from != model_id:
-            raise RuntimeUnavailable(
-                f"{files.onnx} was exported from other parameters ({exported_from}) than "
-                f"{files.params.name} ({model_id}); re-export it with: "
-                f"python -m training.export_onnx {files.params.parent}"
-            )
+        same_parameters(
+            files, self.session.get_modelmeta().custom_metadata_map.get("model_id"), model_id
+        )
         # ORT's memory arena grows to what the passes in flight need at once and keeps it for
         # good: four slices side by side, or a volume's batches of 8 frames, left 50-100 MB.
         # So passes take turns (one already spreads over every core: side by side they were
@@ -262,6 +254,95 @@ class OnnxRuntime:
             return self.session.run(None, feed, self.shrink if len(batch) > 1 else None)[0]
 
 
+def need_onnx(files):
+    """RuntimeUnavailable unless the folder has model.onnx."""
+    if files.onnx is None:
+        raise RuntimeUnavailable(
+            f"no {ONNX_NAME} in {files.params.parent} "
+            f"(make it with: python -m training.export_onnx {files.params.parent})"
+        )
+
+
+def same_parameters(files, exported_from, model_id):
+    """RuntimeUnavailable unless model.onnx was exported from the folder's parameters."""
+    if exported_from != model_id:
+        raise RuntimeUnavailable(
+            f"{files.onnx} was exported from other parameters ({exported_from}) than "
+            f"{files.params.name} ({model_id}); re-export it with: "
+            f"python -m training.export_onnx {files.params.parent}"
+        )
+
+
+class OpenVinoRuntime:
+    """`model.onnx` compiled by OpenVINO for the CPU, once per input shape, one pass at a time.
+
+    A network compiled for one fixed shape ran twice as fast here as ONNX Runtime, and as
+    OpenVINO itself with a dynamic shape; so each slice of a batch runs alone through the
+    model compiled for (1, C, H, W). Serving uses one shape, the frame; others (tests, tools)
+    compile on first use and the least recently used is dropped.
+    """
+
+    name = "openvino"
+
+    def __init__(self, files, meta, model_id):
+        need_onnx(files)
+        # `import openvino` also imports its model converter, whose telemetry client writes a
+        # client id into ~/intel; serving converts nothing, so the converter stays out.
+        if "openvino" not in sys.modules:
+            sys.modules.setdefault("openvino.tools.ovc", None)
+        try:
+            import openvino
+            from openvino.frontend import FrontEndManager
+        except ImportError as error:
+            raise RuntimeUnavailable(f"openvino is not installed ({error})") from error
+        self.core = openvino.Core()
+        self.onnx = files.onnx
+        try:  # the ONNX reader only: the generic one tries every format and logs each failure
+            frontend = FrontEndManager().load_by_framework("onnx")
+            self.network = frontend.convert(frontend.load(str(files.onnx)))
+        except Exception as error:  # OpenVINO raises plain RuntimeError/Exception for a bad file
+            raise ModelError(f"cannot load {files.onnx}: {first_line(error)}") from error
+        exported_from = None
+        if self.network.has_rt_info(["framework", "model_id"]):
+            exported_from = self.network.get_rt_info(["framework", "model_id"]).astype(str)
+        same_parameters(files, exported_from, model_id)
+        self.input_name = self.network.inputs[0].get_any_name()
+        if self.input_name != meta["input_name"]:
+            raise ModelError(
+                f"{files.onnx} takes input {self.input_name!r}, the model's description says "
+                f"{meta['input_name']!r}"
+            )
+        self.requests = OrderedDict()
+        self.lock = threading.Lock()
+
+    def predict(self, batch):
+        """(N, C, H, W) float32 -> (N, K, H, W) float32 logits."""
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        with self.lock:  # an infer request runs one pass at a time
+            request = self.request((1,) + batch.shape[1:])
+            return np.concatenate([request.infer([frame[None]])[0] for frame in batch])
+
+    def request(self, shape):
+        """An infer request of the network compiled for `shape`, compiled once and kept."""
+        if shape in self.requests:
+            self.requests.move_to_end(shape)
+            return self.requests[shape]
+        network = self.network.clone()
+        try:
+            network.reshape({self.input_name: list(shape)})
+            compiled = self.core.compile_model(
+                network, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+            )
+        except Exception as error:
+            raise ModelError(
+                f"{self.onnx} cannot take input {shape}: {first_line(error)}"
+            ) from error
+        self.requests[shape] = compiled.create_infer_request()
+        if len(self.requests) > CACHED_SHAPES:
+            self.requests.popitem(last=False)
+        return self.requests[shape]
+
+
 class MxnetRuntime:
     """The MXNet checkpoint, bound once per input shape (least recently used dropped).
 
@@ -271,7 +352,7 @@ class MxnetRuntime:
 
     name = "mxnet"
 
-    def __init__(self, files, meta, rewrite=True):
+    def __init__(self, files, meta, model_id=None, rewrite=True):
         mx = import_mxnet()
         self.mx = mx
         self.directory = files.params.parent

@@ -21,8 +21,14 @@ import load_model  # noqa: E402
 
 @pytest.fixture(scope="session")
 def model():
-    """The real bundled model, loaded the way the server loads it (ONNX Runtime here)."""
+    """The real bundled model, loaded the way the server loads it (OpenVINO here)."""
     return load_model.load(str(load_model.BUNDLED_PATH))
+
+
+@pytest.fixture(scope="session")
+def ort_model():
+    """The same bundled model run by ONNX Runtime (what a Raspberry Pi runs)."""
+    return load_model.load(str(load_model.BUNDLED_PATH), runtime="onnxruntime")
 
 
 @pytest.fixture(scope="session")

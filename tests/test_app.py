@@ -60,7 +60,7 @@ def test_raw_upload_returns_a_palette_mask_of_the_slice(server_url, t1_png, t1_l
     assert not predicted_tissue[~brain].mean() > 0.05, "outside the brain must be background"
     assert float(headers["X-Inference-Ms"]) > 0 and headers["X-Model-Id"]
     assert 0 < float(headers["X-Forward-Ms"]) <= float(headers["X-Inference-Ms"])
-    assert headers["X-Runtime"] == "onnxruntime"
+    assert headers["X-Runtime"] == "openvino"
 
 
 def test_multipart_gives_the_same_mask(server_url, t1_png):
@@ -103,7 +103,7 @@ def test_health_and_model(server_url):
     status, _, body = request(server_url + "/health")
     health = json.loads(body)
     assert status == 200 and health["model_loaded"] and health["input_channels"] == 1
-    assert health["runtime"] == "onnxruntime"
+    assert health["runtime"] == "openvino"
     status, _, body = request(server_url + "/model")
     facts = json.loads(body)
     assert facts["classes"] == ["background", "csf", "grey_matter", "white_matter"]
@@ -265,22 +265,25 @@ def test_internal_failure_is_a_json_500(model, t1_png):
         stop(server)
 
 
-def test_an_mxnet_server_serves_the_same_masks(test_slices, tmp_path):
-    settings = app_module.Settings.from_env({"RUNTIME": "mxnet"}, host="127.0.0.1", port=0)
-    server, url = serve(settings)
-    onnx_server, onnx_url = serve(app_module.Settings(host="127.0.0.1", port=0))
+def test_servers_on_every_runtime_serve_the_same_masks(test_slices):
+    runtimes = ["mxnet", "onnxruntime", "auto"]
+    servers = [
+        serve(app_module.Settings.from_env({"RUNTIME": r}, host="127.0.0.1", port=0))
+        for r in runtimes
+    ]
     try:
         for slice_ in test_slices.values():
             out = __import__("io").BytesIO()
             png.from_array(slice_, "L;16" if slice_.dtype == np.uint16 else "L").write(out)
-            answers = [post_png(u + "/segment", out.getvalue()) for u in (url, onnx_url)]
-            assert [a[1]["X-Runtime"] for a in answers] == ["mxnet", "onnxruntime"]
+            answers = [post_png(url + "/segment", out.getvalue()) for _, url in servers]
+            assert [a[1]["X-Runtime"] for a in answers] == ["mxnet", "onnxruntime", "openvino"]
             masks = [read_png(a[2]) for a in answers]
-            assert agreement(*masks) >= 0.9999
-        assert json.loads(request(url + "/health")[2])["runtime"] == "mxnet"
+            assert agreement(masks[0], masks[1]) >= 0.9999
+            assert agreement(masks[0], masks[2]) >= 0.9999
+        assert json.loads(request(servers[0][1] + "/health")[2])["runtime"] == "mxnet"
     finally:
-        stop(server)
-        stop(onnx_server)
+        for server, _ in servers:
+            stop(server)
 
 
 def test_settings_read_the_environment_and_flags_win():

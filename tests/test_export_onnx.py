@@ -53,7 +53,7 @@ def test_the_command_exports_a_sagemaker_checkpoint_and_checks_it(tmp_path):
         "model.onnx",
     ]
     loaded = load_model.load(str(folder))
-    assert loaded.runtime.name == "onnxruntime"
+    assert loaded.runtime.name == "openvino"
 
 
 def other_network(folder):
@@ -89,7 +89,7 @@ def test_other_operators_export_to_the_same_masks(tmp_path):
     assert ops(path) >= Counter(["PRelu", "AveragePool", "ConvTranspose", "BatchNormalization"])
     assert "Softmax" not in ops(path)
     model = load_model.load(str(folder))
-    assert model.runtime.name == "onnxruntime" and model.meta["input_channels"] == 3
+    assert model.runtime.name == "openvino" and model.meta["input_channels"] == 3
     logits = model.predict(np.ones((3, 3, 24, 40), np.float32))
     assert logits.shape == (3, 4, 24, 40)
 

@@ -37,36 +37,67 @@ def python_lines(code):
     ).stdout.splitlines()
 
 
-def test_auto_takes_onnx_runtime_and_never_imports_mxnet():
+def test_auto_takes_openvino_and_never_imports_the_others():
     code = (
         "import sys, numpy as np, load_model; m = load_model.load(); "
         "print(m.runtime.name, m.segment(np.zeros((32, 32), np.uint8)).shape, "
-        "'mxnet' in sys.modules)"
+        "'mxnet' in sys.modules, 'onnxruntime' in sys.modules)"
     )
-    assert python_lines(code)[-1] == "onnxruntime (32, 32) False"
+    assert python_lines(code)[-1] == "openvino (32, 32) False False"
 
 
-def test_both_runtimes_give_the_logits_whose_softmax_mxnet_exported(model, mxnet_model):
+def test_auto_falls_back_to_onnx_runtime_without_openvino(tmp_path):
+    (tmp_path / "openvino").mkdir()  # a package that fails to import, as a broken install does
+    (tmp_path / "openvino" / "__init__.py").write_text("raise ImportError('broken install')")
+    setup = f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import load_model; "
+    code = setup + "m = load_model.load(); print(m.runtime.name, 'mxnet' in sys.modules)"
+    assert python_lines(code)[-1] == "onnxruntime False"
+    code = setup + "load_model.load(runtime='openvino')"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "ModelError: openvino is not installed (broken install)" in result.stderr
+
+
+def test_every_runtime_gives_the_logits_whose_softmax_mxnet_exported(model, ort_model, mxnet_model):
     batch = np.random.default_rng(0).random((2, 1, 64, 96), dtype=np.float32)
     files = mxnet_model.files
     as_exported = load_model.MxnetRuntime(files, mxnet_model.meta, rewrite=False).predict(batch)
     assert np.allclose(as_exported.sum(axis=1), 1, atol=1e-4)  # the symbol ends in softmax
-    for runtime in (model, mxnet_model):
+    for runtime in (model, ort_model, mxnet_model):
         logits = runtime.predict(batch)
         assert logits.shape == (2, 4, 64, 96) and logits.dtype == np.float32
         assert np.abs(softmax(logits) - as_exported).max() < 1e-3
-    assert model.runtime.name == "onnxruntime" and mxnet_model.runtime.name == "mxnet"
+    names = [m.runtime.name for m in (model, ort_model, mxnet_model)]
+    assert names == ["openvino", "onnxruntime", "mxnet"]
 
 
-def test_runtimes_give_identical_masks_on_the_test_slices(model, mxnet_model, test_slices):
+def test_runtimes_give_identical_masks_on_the_test_slices(
+    model, ort_model, mxnet_model, test_slices
+):
     for name, slice_ in test_slices.items():
-        masks = model.segment(slice_), mxnet_model.segment(slice_)
-        assert agreement(*masks) >= 0.9999, name
+        reference = mxnet_model.segment(slice_)
+        for other in (model, ort_model):
+            assert agreement(other.segment(slice_), reference) >= 0.9999, name
     side = model.meta["frame_side"]  # all frames in one batch: a dynamic batch size
     frames = np.stack([processing.frame_slice(s, side)[0] for s in test_slices.values()])
-    logits = model.predict(frames[:, None]), mxnet_model.predict(frames[:, None])
-    print(f"largest |logit difference| {np.abs(logits[0] - logits[1]).max():.2e}")
-    assert agreement(logits[0].argmax(axis=1), logits[1].argmax(axis=1)) >= 0.9999
+    reference = mxnet_model.predict(frames[:, None])
+    for other in (model, ort_model):
+        logits = other.predict(frames[:, None])
+        difference = np.abs(logits - reference).max()
+        print(f"{other.runtime.name}: largest |logit difference| {difference:.2e}")
+        assert agreement(logits.argmax(axis=1), reference.argmax(axis=1)) >= 0.9999
+
+
+def test_openvino_compiles_once_per_input_shape(model):
+    requests = model.runtime.requests
+    side = model.meta["frame_side"]
+    model.segment(np.zeros((120, 136), np.uint8))
+    request = requests[(1, 1, side, side)]
+    for width in range(16, 4096, 600):
+        model.segment(np.random.default_rng(width).integers(0, 255, (16, width), np.uint8))
+    model.predict(np.zeros((5, 1, side, side), np.float32))  # a batch runs frame by frame
+    assert requests[(1, 1, side, side)] is request
+    assert {shape[0] for shape in requests} == {1} and len(requests) <= load_model.CACHED_SHAPES
 
 
 def test_every_slice_size_runs_on_one_frame_shape(mxnet_model):
@@ -142,25 +173,27 @@ def test_model_meta_wins_over_the_shapes_file(tmp_path):
 
 def test_a_stale_model_onnx_is_not_served(tmp_path, caplog):
     folder = copy_model(tmp_path / "retrained", onnx=True)
-    assert load_model.load(str(folder)).runtime.name == "onnxruntime"
+    assert load_model.load(str(folder)).runtime.name == "openvino"
     params = mx.nd.load(str(folder / "model-0000.params"))
     params["arg:conv89_weight"] *= 0.5  # stands in for new training
     mx.nd.save(str(folder / "model-0000.params"), params)
     with caplog.at_level("INFO", logger="segmentation.model"):
         assert load_model.load(str(folder)).runtime.name == "mxnet"
     assert "exported from other parameters" in caplog.text
-    with pytest.raises(load_model.ModelError, match="training.export_onnx"):
-        load_model.load(str(folder), runtime="onnxruntime")
+    for runtime in ("openvino", "onnxruntime"):
+        with pytest.raises(load_model.ModelError, match="training.export_onnx"):
+            load_model.load(str(folder), runtime=runtime)
 
 
 def test_an_unknown_runtime_is_refused():
-    with pytest.raises(load_model.ModelError, match="auto, onnxruntime, mxnet"):
+    with pytest.raises(load_model.ModelError, match="auto, openvino, onnxruntime, mxnet"):
         load_model.load(runtime="tensorflow")
 
 
 def test_32_bit_arm_gets_a_message_not_a_traceback(tmp_path):
     code = (
-        "import platform, sys; sys.modules['onnxruntime'] = sys.modules['mxnet'] = None; "
+        "import platform, sys; "
+        "sys.modules['openvino'] = sys.modules['onnxruntime'] = sys.modules['mxnet'] = None; "
         "platform.machine = lambda: 'armv7l'; import greengrassBrainSegmentationApp as app; "
         "app.main(['--port', '0'])"
     )
@@ -169,7 +202,8 @@ def test_32_bit_arm_gets_a_message_not_a_traceback(tmp_path):
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     message = result.stderr.strip().splitlines()[-1]
-    assert message.startswith("error: onnxruntime is not installed")
+    assert message.startswith("error: openvino is not installed")
+    assert "onnxruntime is not installed" in message
     assert "32-bit ARM (armv7l)" in message and "64-bit Raspberry Pi OS" in message
 
 

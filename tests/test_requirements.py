@@ -19,26 +19,35 @@ def pins(python, machine, path=ROOT / "requirements.txt"):
 
 
 @pytest.mark.parametrize(
-    "python, machine, onnxruntime, mxnet",
+    "python, machine, openvino, onnxruntime, mxnet",
     [
-        ("3.11", "aarch64", "1.28.0", None),  # Raspberry Pi OS 64-bit (bookworm)
-        ("3.8", "aarch64", "1.19.2", None),  # Greengrass V1 on a 64-bit Pi
-        ("3.11", "x86_64", "1.28.0", "1.9.1"),
-        ("3.8", "x86_64", "1.19.2", "1.9.1"),
-        ("3.11", "armv7l", None, None),  # 32-bit Pi OS: the server starts and says what to do
+        ("3.11", "aarch64", None, "1.28.0", None),  # Raspberry Pi OS 64-bit (bookworm)
+        ("3.8", "aarch64", None, "1.19.2", None),  # Greengrass V1 on a 64-bit Pi
+        ("3.11", "x86_64", "2025.2.0", "1.28.0", "1.9.1"),
+        ("3.8", "x86_64", "2024.4.0", "1.19.2", "1.9.1"),
+        ("3.11", "armv7l", None, None, None),  # 32-bit Pi OS: the server starts, says what to do
     ],
 )
-def test_each_platform_gets_a_runtime_that_installs_there(python, machine, onnxruntime, mxnet):
+def test_each_platform_gets_a_runtime_that_installs_there(
+    python, machine, openvino, onnxruntime, mxnet
+):
     chosen = pins(python, machine)
     assert chosen.get("onnxruntime") == onnxruntime and chosen.get("mxnet") == mxnet
+    assert chosen.get("openvino") == openvino
     assert chosen["numpy"] == "1.23.5" and "boto3" not in chosen  # boto3 is for training
 
 
-@pytest.mark.parametrize("python", ["3.11", "3.8"])
-def test_pip_resolves_the_serving_requirements_for_a_64_bit_pi(python, tmp_path):
-    wanted = pins(python, "aarch64")
+@pytest.mark.parametrize(
+    "python, machine",
+    [("3.11", "aarch64"), ("3.8", "aarch64"), ("3.8", "x86_64")],  # 3.11 x86_64: CI installs it
+)
+def test_pip_resolves_the_serving_requirements(python, machine, tmp_path):
+    wanted = pins(python, machine)
     report = tmp_path / "report.json"
-    platforms = [option for p in PI_PLATFORMS for option in ("--platform", p)]
+    targets = (
+        PI_PLATFORMS if machine == "aarch64" else ["manylinux2014_x86_64", "manylinux_2_28_x86_64"]
+    )
+    platforms = [option for p in targets for option in ("--platform", p)]
     result = subprocess.run(
         [sys.executable, "-m", "pip", "--isolated", "--disable-pip-version-check", "install",
          "--dry-run", "--ignore-installed", "--quiet", "--only-binary=:all:",
@@ -52,4 +61,6 @@ def test_pip_resolves_the_serving_requirements_for_a_64_bit_pi(python, tmp_path)
         i["metadata"]["name"].lower(): i["metadata"]["version"]
         for i in json.loads(report.read_text())["install"]
     }
-    assert resolved["onnxruntime"] == wanted["onnxruntime"] and "mxnet" not in resolved
+    assert resolved["onnxruntime"] == wanted["onnxruntime"]
+    assert resolved.get("openvino") == wanted.get("openvino")
+    assert ("mxnet" in resolved) == (machine == "x86_64")

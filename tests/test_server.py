@@ -114,9 +114,10 @@ app.main(sys.argv[1:])
 
 @pytest.mark.skipif(sys.platform != "linux", reason="needs Linux temporary-file semantics")
 def test_no_upload_reaches_the_temp_directory(tmp_path):
-    tmp = tmp_path / "tmp"
+    tmp, home = tmp_path / "tmp", tmp_path / "home"
     tmp.mkdir()
-    env = dict(os.environ, TMPDIR=str(tmp), MAX_UPLOAD_MB="2")
+    home.mkdir()
+    env = dict(os.environ, TMPDIR=str(tmp), HOME=str(home), MAX_UPLOAD_MB="2")
     process = subprocess.Popen(
         [sys.executable, "-c", LAUNCH, "--host", "127.0.0.1", "--port", "0"],
         cwd=ROOT,
@@ -157,6 +158,7 @@ def test_no_upload_reaches_the_temp_directory(tmp_path):
         _, log = process.communicate(timeout=30)
     assert "TEMPFILE" not in log, log
     assert list(tmp.iterdir()) == []
+    assert list(home.iterdir()) == []  # no runtime's telemetry id or cache either
 
 
 @pytest.fixture(scope="module")

@@ -137,9 +137,9 @@ def test_a_short_run_learns_and_writes_the_sagemaker_layout(toy_volumes, tmp_pat
     width, height, _, _ = png.Reader(filename=str(tmp_path / "output" / "curve.png")).read()
     assert width > 400 and height > 200
     assert (meta["input_name"], meta["size_multiple"], meta["output"]) == ("data", 8, "logits")
-    assert "wrote model.onnx: ONNX Runtime vs MXNet: argmax equal on" in result.stdout
+    assert "wrote model.onnx: ONNX Runtime and OpenVINO vs MXNet: argmax equal on" in result.stdout
     loaded = load_model.load(str(tmp_path / "model"))
-    assert loaded.runtime.name == "onnxruntime"
+    assert loaded.runtime.name == "openvino"
     assert loaded.segment(np.zeros((40, 40), np.uint8)).shape == (40, 40)
 
 

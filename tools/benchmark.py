@@ -3,8 +3,9 @@
     python tools/benchmark.py [--repeats 30] [--requests 30] [--model-dir model/segmentation-net]
 
 Prints a table: ms per 256x256 slice (median and p90) at batch 1 and batch 8 for MXNet as
-exported (PReLU, softmax), MXNet rewritten (LeakyReLU, no softmax) and ONNX Runtime; then
-the standalone server (started as a user would, on a free port): start to healthy, end to
+exported (PReLU, softmax), MXNet rewritten (LeakyReLU, no softmax), ONNX Runtime and OpenVINO
+(the last two run the same model.onnx; a runtime not installed here is left out); then the
+standalone server (started as a user would, on a free port): start to healthy, end to
 end over HTTP, the forward pass inside it and what HTTP adds, peak RSS. Each runtime is
 timed in its own process, so that one's threads never compete with another's.
 """
@@ -35,6 +36,7 @@ ROWS = [
     ("mxnet-exported", "MXNet as exported (PReLU, softmax)"),
     ("mxnet", "MXNet rewritten (LeakyReLU, no softmax)"),
     ("onnxruntime", "ONNX Runtime (BN folded, LeakyReLU, no softmax)"),
+    ("openvino", "OpenVINO (same model.onnx, compiled per input shape)"),
 ]
 
 
@@ -52,15 +54,18 @@ def main(argv=None):
     print(f"{cpu_name()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
     results = {key: time_in_child(key, args) for key, _ in ROWS}
     print_table(results)
-    print_http(http_figures(args.model_dir, args.requests), results["onnxruntime"])
+    http = http_figures(args.model_dir, args.requests)
+    print_http(http, results[http["runtime"]])
 
 
 def time_in_child(key, args):
-    """{batch: [ms per slice, ...]} for one runtime, measured in a fresh process."""
+    """{batch: [ms per slice, ...]} for one runtime, measured in a fresh process; None when
+    that runtime cannot run here."""
     command = [sys.executable, __file__, "--forward", key, "--model-dir", args.model_dir]
     command += ["--repeats", str(args.repeats)]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    return {int(batch): times for batch, times in json.loads(out.splitlines()[-1]).items()}
+    times = json.loads(out.splitlines()[-1])
+    return times and {int(batch): ms for batch, ms in times.items()}
 
 
 def forward_pass_ms(key, model_dir, repeats):
@@ -68,8 +73,12 @@ def forward_pass_ms(key, model_dir, repeats):
     directory = Path(model_dir)
     files = load_model.find_files(directory)
     meta = load_model.read_meta(directory, files.shapes)
-    if key == "onnxruntime":
-        runtime = load_model.OnnxRuntime(files, meta, load_model.file_id(files.params))
+    if key in ("onnxruntime", "openvino"):
+        opener = load_model.OnnxRuntime if key == "onnxruntime" else load_model.OpenVinoRuntime
+        try:
+            runtime = opener(files, meta, load_model.file_id(files.params))
+        except load_model.RuntimeUnavailable:
+            return None
     else:
         runtime = load_model.MxnetRuntime(files, meta, rewrite=key == "mxnet")
     frame = processing.frame_slice(framed_slice(), SIDE)[0][None, None]
@@ -93,6 +102,8 @@ def print_table(results):
     print("| runtime | b1 median | b1 p90 | b8 median | b8 p90 |")
     print("| --- | --- | --- | --- | --- |")
     for key, label in ROWS:
+        if results[key] is None:
+            continue
         cells = []
         for batch in BATCHES:
             cells += [f"{statistics.median(results[key][batch]):.1f}"]
@@ -139,10 +150,10 @@ def http_figures(model_dir, requests):
     }
 
 
-def print_http(http, onnx_times):
+def print_http(http, runtime_times):
     """The server's figures; what HTTP adds is measured on each request (end to end minus
     that request's forward pass, `X-Forward-Ms`), and also against the bare forward pass."""
-    bare = statistics.median(onnx_times[1])
+    bare = statistics.median(runtime_times[1])
     end_to_end = statistics.median(http["end_to_end"])
     added = [e - f for e, f in zip(http["end_to_end"], http["forward"])]
     print()
