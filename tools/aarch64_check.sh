@@ -7,15 +7,20 @@
 #
 #   sudo apt-get install qemu-user-static debootstrap binfmt-support
 #   sudo tools/aarch64_check.sh [ROOTFS]        # default /var/tmp/pi-arm64, kept for reruns
+#   sudo RUNTIME=openvino tools/aarch64_check.sh   # also installs OpenVINO there and serves with it
 #
 # Under qemu-user the guest reads the host's /proc/cpuinfo, on which `import onnxruntime`
 # crashes (its CPU detection expects an ARM cpuinfo), so a Raspberry Pi 4's is bind-mounted.
+# The guest CPU is a Pi 4's Cortex-A72 (QEMU_CPU): with qemu's default, OpenVINO's kernels
+# stop on an instruction qemu does not emulate. OpenVINO also reads the CPU layout from /sys.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ROOTFS=${1:-/var/tmp/pi-arm64}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
 PORT=${PORT:-5077}
+RUNTIME=${RUNTIME:-auto}
+OPENVINO_PIN=openvino==2025.2.0  # requirements.txt's x86_64 pin for Python 3.11
 SLICE=tests/data/icbm2009a_axial100.png
 HOST_PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 
@@ -34,7 +39,8 @@ fi
 mounted=()
 server=""
 cleanup() {
-    [ -z "$server" ] || kill "$server" 2>/dev/null || true
+    # The guest must be gone before its mounts go: a live one keeps /sys busy.
+    [ -z "$server" ] || { kill "$server" 2>/dev/null; wait "$server" 2>/dev/null; } || true
     for ((i = ${#mounted[@]} - 1; i >= 0; i--)); do umount "${mounted[$i]}" 2>/dev/null || true; done
 }
 trap cleanup EXIT
@@ -49,29 +55,40 @@ printf 'Hardware\t: BCM2835\nRevision\t: c03111\nModel\t\t: Raspberry Pi 4 Model
     >> "$cpuinfo"
 mount --bind "$cpuinfo" "$ROOTFS/proc/cpuinfo" && mounted+=("$ROOTFS/proc/cpuinfo")
 mount --bind /dev "$ROOTFS/dev" && mounted+=("$ROOTFS/dev")
+mount -t sysfs sysfs "$ROOTFS/sys" && mounted+=("$ROOTFS/sys")
 cp /etc/resolv.conf "$ROOTFS/etc/resolv.conf"
 # pip in the guest trusts what this machine trusts (a proxy's own CA, for instance).
 cp /etc/ssl/certs/ca-certificates.crt "$ROOTFS/etc/ssl/certs/host-ca-certificates.crt"
 
 echo "copying the app, the bundled model and requirements.txt into $ROOTFS/opt/app"
 rm -rf "$ROOTFS/opt/app" && mkdir -p "$ROOTFS/opt/app"
-(cd "$ROOT" && cp -r greengrassBrainSegmentationApp.py load_model.py processing.py requirements.txt \
-    model "$ROOTFS/opt/app/")
-guest_env=(/usr/bin/env -i PATH=/usr/bin:/bin HOME=/root
+# The app's files are build_zip.sh's list, so this check goes stale with it or not at all.
+app_files=$(sed -n 's/^APP_FILES=(\(.*\))$/\1/p' "$ROOT/build_zip.sh")
+[ -n "$app_files" ] || die "no APP_FILES=(...) line in build_zip.sh"
+# shellcheck disable=SC2086  # the list is words
+(cd "$ROOT" && cp -r $app_files requirements.txt model "$ROOTFS/opt/app/")
+guest_env=(/usr/bin/env -i PATH=/usr/bin:/bin HOME=/root QEMU_CPU=cortex-a72
            PIP_CERT=/etc/ssl/certs/host-ca-certificates.crt)
 in_guest() { chroot "$ROOTFS" "${guest_env[@]}" "$@"; }
 echo "guest: $(in_guest uname -m), $(in_guest python3 --version)"
 [ -x "$ROOTFS/opt/venv/bin/python" ] || in_guest python3 -m venv /opt/venv
 started=$(date +%s)
 in_guest /opt/venv/bin/pip install --quiet --disable-pip-version-check -r /opt/app/requirements.txt
-echo "pip install -r requirements.txt: $(($(date +%s) - started)) s; installed:"
+if [ "$RUNTIME" = openvino ]; then
+    in_guest /opt/venv/bin/pip install --quiet --disable-pip-version-check \
+        "$OPENVINO_PIN" openvino-telemetry==2025.2.0
+else  # what requirements.txt installs on a Pi, even after a RUNTIME=openvino run
+    in_guest /opt/venv/bin/pip uninstall --quiet --yes openvino openvino-telemetry 2>/dev/null || true
+fi
+echo "pip install: $(($(date +%s) - started)) s; installed:"
 in_guest /opt/venv/bin/pip list --disable-pip-version-check 2>/dev/null \
-    | grep -iE '^(onnxruntime|numpy|mxnet) ' || true
+    | grep -iE '^(openvino|onnxruntime|numpy|mxnet) ' || true
 
 "$HOST_PYTHON" -c "import socket; socket.create_server(('127.0.0.1', $PORT)).close()" \
     2>/dev/null || die "port $PORT is taken (PORT=... to use another)"
 # chroot and env exec in place, so $! is the guest server itself and cleanup can end it.
-chroot "$ROOTFS" "${guest_env[@]}" /opt/venv/bin/python /opt/app/greengrassBrainSegmentationApp.py \
+chroot "$ROOTFS" "${guest_env[@]}" RUNTIME="$RUNTIME" \
+    /opt/venv/bin/python /opt/app/greengrassBrainSegmentationApp.py \
     --host 127.0.0.1 --port "$PORT" > "$ROOTFS/tmp/server.log" 2>&1 &
 server=$!
 "$HOST_PYTHON" - "$ROOT" "$PORT" "$SLICE" "$ROOTFS/tmp/server.log" <<'PY'
