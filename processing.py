@@ -393,7 +393,7 @@ def skew(array, count, units):
     )
 
 
-@functools.cache
+@functools.lru_cache(maxsize=None)  # functools.cache needs Python 3.9
 def predictor_table():
     """PNG predictors minus c, modulo 256, for Sub, Up, Average, Paeth in turn, each indexed
     by (b - c + 255) * 511 + (a - c + 255), where a is the left, b the upper and c the
