@@ -230,9 +230,9 @@ class OnnxRuntime:
             )
         except Exception as error:  # ORT raises its own exception types for a bad file
             raise ModelError(f"cannot load {files.onnx}: {first_line(error)}") from error
-        same_parameters(
-            files, self.session.get_modelmeta().custom_metadata_map.get("model_id"), model_id
-        )
+        self.input_name = self.session.get_inputs()[0].name
+        exported_from = self.session.get_modelmeta().custom_metadata_map.get("model_id")
+        matches_folder(files, meta, model_id, exported_from, self.input_name)
         # ORT's memory arena grows to what the passes in flight need at once and keeps it for
         # good: four slices side by side, or a volume's batches of 8 frames, left 50-100 MB.
         # So passes take turns (one already spreads over every core: side by side they were
@@ -240,12 +240,6 @@ class OnnxRuntime:
         self.lock = threading.Lock()
         self.shrink = onnxruntime.RunOptions()
         self.shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-        self.input_name = self.session.get_inputs()[0].name
-        if self.input_name != meta["input_name"]:
-            raise ModelError(
-                f"{files.onnx} takes input {self.input_name!r}, the model's description says "
-                f"{meta['input_name']!r}"
-            )
 
     def predict(self, batch):
         """(N, C, H, W) float32 -> (N, K, H, W) float32 logits."""
@@ -263,13 +257,19 @@ def need_onnx(files):
         )
 
 
-def same_parameters(files, exported_from, model_id):
-    """RuntimeUnavailable unless model.onnx was exported from the folder's parameters."""
+def matches_folder(files, meta, model_id, exported_from, input_name):
+    """RuntimeUnavailable unless model.onnx was exported from the folder's parameters;
+    ModelError unless it takes the input that model-meta.json names."""
     if exported_from != model_id:
         raise RuntimeUnavailable(
             f"{files.onnx} was exported from other parameters ({exported_from}) than "
             f"{files.params.name} ({model_id}); re-export it with: "
             f"python -m training.export_onnx {files.params.parent}"
+        )
+    if input_name != meta["input_name"]:
+        raise ModelError(
+            f"{files.onnx} takes input {input_name!r}, the model's description says "
+            f"{meta['input_name']!r}"
         )
 
 
@@ -305,13 +305,8 @@ class OpenVinoRuntime:
         exported_from = None
         if self.network.has_rt_info(["framework", "model_id"]):
             exported_from = self.network.get_rt_info(["framework", "model_id"]).astype(str)
-        same_parameters(files, exported_from, model_id)
         self.input_name = self.network.inputs[0].get_any_name()
-        if self.input_name != meta["input_name"]:
-            raise ModelError(
-                f"{files.onnx} takes input {self.input_name!r}, the model's description says "
-                f"{meta['input_name']!r}"
-            )
+        matches_folder(files, meta, model_id, exported_from, self.input_name)
         self.requests = OrderedDict()
         self.lock = threading.Lock()
 
