@@ -1,8 +1,8 @@
-"""Labelling a real skull-on head by EM with template priors (how Colin27 gets its labels)."""
+"""Labelling heads by EM with template priors (how every training brain gets its labels)."""
 
 import numpy as np
 
-from training.sources import TARGET_OF, classify
+from training.sources import TARGET_OF, classify, labelled_with, relabel, save
 
 
 def test_fluid_apart_from_the_brain_is_not_labelled_brain():
@@ -26,3 +26,39 @@ def test_fluid_apart_from_the_brain_is_not_labelled_brain():
     assert (labels[classes == 0] == 3).mean() > 0.95
     assert (labels[classes == 1] == 2).mean() > 0.9
     assert (labels[(classes == 2) & (radius < 11.5)] == 1).mean() > 0.9
+
+
+def test_relabel_follows_the_image_where_the_map_does_not():
+    """A population map that calls the brain's dark rim of fluid grey matter: relabelled from
+    the image, the rim is CSF, grey and white matter keep their places, the brain's outline
+    and the head around it stay."""
+    size = 40
+    radius = np.sqrt(((np.indices((size,) * 3).astype(np.float32) - 18) ** 2).sum(0))
+    # a ventricle, WM, GM, a rim of fluid, bone, scalp, air
+    shells = np.digitize(radius, [3, 6, 10, 12, 14, 16])
+    image = np.array([0.1, 0.9, 0.55, 0.1, 0.25, 0.7, 0.0], np.float32)[shells]
+    image += np.random.default_rng(1).normal(0, 0.01, image.shape).astype(np.float32)
+    # generation classes (air, CSF, GM, WM, bone, soft, other); the map: GM out to the skull
+    mapped = np.array([1, 3, 2, 2, 4, 5, 0])[shells]
+    classes = 0.02 + (np.arange(7)[:, None, None, None] == mapped).astype(np.float32)
+    classes /= classes.sum(0)
+    before = TARGET_OF[np.argmax(classes, axis=0)]
+    after = TARGET_OF[np.argmax(relabel(image, classes), axis=0)]
+    rim = (shells == 3) & (radius > 10.5) & (radius < 11.5)
+    assert (before[rim] == 2).all()
+    assert (after[rim] == 1).mean() > 0.75  # against a map prior of 0.98 grey matter
+    assert (after[(shells == 2) & (radius > 7) & (radius < 9)] == 2).mean() > 0.9
+    assert (after[(shells == 1) & (radius > 3.5) & (radius < 5.5)] == 3).mean() > 0.9
+    assert (after[shells >= 4] == 0).all()
+
+
+def test_prepared_volumes_say_how_they_were_labelled(tmp_path):
+    """`prepare` redoes volumes labelled otherwise than asked; older files count as 'maps'."""
+    image, probs, affine = np.zeros((2, 2, 2)), np.ones((7, 2, 2, 2)) / 7, np.eye(4)
+    save(tmp_path / "em.npz", "spm", image, probs, affine, "em")
+    save(tmp_path / "maps.npz", "spm", image, probs, affine, "maps")
+    np.savez_compressed(tmp_path / "old.npz", image=image, probs=probs, family="spm")
+    assert labelled_with(tmp_path / "em.npz") == "em"
+    assert labelled_with(tmp_path / "maps.npz") == "maps"
+    assert labelled_with(tmp_path / "old.npz") == "maps"
+    assert labelled_with(tmp_path / "absent.npz") is None

