@@ -1,12 +1,17 @@
 """How far two reference segmentations of the same MNI space agree: a ceiling for held-out Dice.
 
-    python tools/label_agreement.py   # after python -m training.sources
+    python tools/label_agreement.py [CACHE]   # after python -m training.sources [--cache CACHE]
 
-Resamples the ICBM 2009a tissue labels (what the bundled model is trained on) onto the grid of
-SPM's avg152 priors (what it is validated against) and prints Dice per class between the two,
+Resamples the ICBM 2009a tissue labels onto the grid of SPM's avg152 labels and prints Dice
+per class between the two,
 then, per plane, the brain-outline shares that `training.evaluate` reports (`outside`, `inside`)
 with each label set standing in for a model scored against the other: how well one careful
 label set can score on the other's brain outline.
+
+Both label sets come from the prepared cache. With the templates' maps (`training.sources
+--labels maps`) grey and white matter agree at 0.805 and 0.775, the floor `lobo_report.py`
+uses; labelled by EM from their own images (the default) at 0.697 and 0.780: avg152's image
+is a blurred average, which its EM labels follow.
 """
 
 import sys
@@ -53,4 +58,4 @@ def main(cache=ROOT / ".cache"):
 
 
 if __name__ == "__main__":
-    main()
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / ".cache")
