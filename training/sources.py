@@ -11,13 +11,11 @@ Generation classes (the label maps synthetic images are drawn from):
 0 air, 1 CSF, 2 grey matter, 3 white matter, 4 bone, 5 soft tissue, 6 other non-brain.
 The network is trained on targets 0 background, 1 CSF, 2 GM, 3 WM (`TARGET_OF` maps them).
 
-Labels (`--labels`): `em` (the default) classifies the sharp brains' own images by EM with
-their tissue maps as priors, the way FSL FAST or SPM label a scan: sulcal CSF and the brain's
-rim of fluid are CSF, as the image shows them. That is ICBM 2009a and Colin27 (which has no
-maps and is classified either way); SPM's avg152 and avg305 keep their maps, since EM labels
-of a blurred average follow the blur (at the skull base it called two thirds of the brain
-CSF). `maps` keeps the population maps of all three templates (smoother, more grey matter,
-little CSF outside the ventricles).
+Labels (`--labels`): `em` (the default) classifies every brain's own image by EM with its
+tissue maps as priors, the way FSL FAST or SPM label a scan: sulcal CSF and the brain's rim
+of fluid are CSF, as the image shows them. `maps` keeps the templates' population maps as
+they ship (smoother, more grey matter, little CSF outside the ventricles); Colin27 has no
+maps and is classified either way.
 """
 
 import argparse
@@ -87,13 +85,17 @@ def prepare(cache, labels="em"):
                 "tpm": "tpm/TPM.nii",
             }.items()
         }
+
+    def labelled(image, maps):
+        return relabel(image, maps) if labels == "em" else maps
+
     image, maps, affine = icbm_volume(icbm, spm["tpm"])
-    probs = relabel(image, maps) if labels == "em" else maps
-    save(out / "icbm2009a.npz", "icbm2009a", image, probs, affine, labels)
+    save(out / "icbm2009a.npz", "icbm2009a", image, labelled(image, maps), affine, labels)
     head = resample(spm["tpm"][0], spm["tpm"][1], spm["avg152"][0].shape, spm["avg152"][1])
     priors = with_head(spm["csf"][0], spm["grey"][0], spm["white"][0], head)
-    for name in ("avg152", "avg305"):  # blurred averages: their maps either way
-        save(out / f"{name}.npz", "spm", spm[name][0], priors, spm[name][1], labels)
+    for name in ("avg152", "avg305"):
+        image, affine = spm[name]
+        save(out / f"{name}.npz", "spm", image, labelled(image, priors), affine, labels)
     colin = classify(spm["colin"][0], head)
     save(out / "colin.npz", "colin", spm["colin"][0], colin, spm["colin"][1], labels)
     return sorted(out.glob("*.npz"))
