@@ -1,8 +1,12 @@
 """Labelling heads by EM with template priors (how every training brain gets its labels)."""
 
-import numpy as np
+import io
+import tarfile
 
-from training.sources import TARGET_OF, classify, labelled_with, relabel, save
+import numpy as np
+import pytest
+
+from training.sources import TARGET_OF, classify, debian_file, labelled_with, relabel, save
 
 
 def test_fluid_apart_from_the_brain_is_not_labelled_brain():
@@ -62,3 +66,29 @@ def test_prepared_volumes_say_how_they_were_labelled(tmp_path):
     assert labelled_with(tmp_path / "maps.npz") == "maps"
     assert labelled_with(tmp_path / "old.npz") == "maps"
     assert labelled_with(tmp_path / "absent.npz") is None
+
+
+def ar_member(name, body):
+    """One member of an ar archive (what a .deb is): a 60-byte header, the body, padding."""
+    header = f"{name:<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(body):<10}`\n".encode()
+    return header + body + b"\n" * (len(body) % 2)
+
+
+def test_a_file_comes_out_of_a_debian_package(tmp_path):
+    """`debian_file` reads one file from a .deb already fetched (ar, then xz tar), and says
+    so clearly when the package has no data archive."""
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w:xz") as tar:
+        payload = b"a NIfTI stand-in"
+        info = tarfile.TarInfo("./usr/share/pkg/ch2.nii.gz")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    deb = b"!<arch>\n" + ar_member("debian-binary", b"2.0\n")
+    deb += ar_member("control.tar.xz", b"odd") + ar_member("data.tar.xz", data.getvalue())
+    (tmp_path / "pkg_1.0_all.deb").write_bytes(deb)
+    assert debian_file("pkg", "./usr/share/pkg/ch2.nii.gz", tmp_path) == payload
+    (tmp_path / "empty_1.0_all.deb").write_bytes(
+        b"!<arch>\n" + ar_member("debian-binary", b"2.0\n")
+    )
+    with pytest.raises(FileNotFoundError, match="no data archive"):
+        debian_file("empty", "./anything", tmp_path)
