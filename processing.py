@@ -589,7 +589,9 @@ def resample_rows(image, coordinates, step):
     length = len(image)
     radius = max(step, 1.0)
     first = np.floor(coordinates - radius).astype(np.int64) + 1
-    source = first[:, None] + np.arange(int(np.ceil(2 * radius)) + 1)[None]  # (outputs, taps)
+    # the kernel is non-zero on the open interval (c - radius, c + radius): at most
+    # ceil(2 radius) whole pixels, starting at `first`
+    source = first[:, None] + np.arange(int(np.ceil(2 * radius)))[None]  # (outputs, taps)
     kernel = np.clip(1 - np.abs(source - coordinates[:, None]) / radius, 0, None)
     kernel = (kernel / kernel.sum(1, keepdims=True)).astype(np.float32)
     kernel[(source < 0) | (source >= length)] = 0
