@@ -3,10 +3,9 @@
     python tools/label_agreement.py [CACHE]   # after python -m training.sources [--cache CACHE]
 
 Resamples the ICBM 2009a tissue labels onto the grid of SPM's avg152 labels and prints Dice
-per class between the two,
-then, per plane, the brain-outline shares that `training.evaluate` reports (`outside`, `inside`)
-with each label set standing in for a model scored against the other: how well one careful
-label set can score on the other's brain outline.
+per class between the two, then, per plane, the brain-outline shares that `training.evaluate`
+reports (`outside`, `inside`) with each label set standing in for a model scored against the
+other: how well one careful label set can score on the other's brain outline.
 
 Both label sets come from the prepared cache. With the templates' maps (`training.sources
 --labels maps`) grey and white matter agree at 0.805 and 0.775, the floor `lobo_report.py`

@@ -68,23 +68,20 @@ def prepare(cache, labels="em"):
     wanted = ["icbm2009a", "avg152", "avg305", "colin"]
     if all(labelled_with(out / f"{name}.npz") == labels for name in wanted):
         return sorted(out.glob("*.npz"))
-    wheels = {key: download(spec, cache / "wheels") for key, spec in WHEELS.items()}
-    with zipfile.ZipFile(wheels["nilearn"]) as nilearn:
+    with zipfile.ZipFile(download(WHEELS["nilearn"], cache / "wheels")) as nilearn:
         icbm = {k: read_nifti(nilearn.read(NILEARN_T1.format(k))) for k in ("t1", "gm", "wm")}
-    with zipfile.ZipFile(wheels["spm"]) as wheel:
-        ctf = zipfile.ZipFile(io.BytesIO(wheel.read("spm_runtime/_spm/_spm.ctf")))
-        spm = {
-            name: read_nifti(ctf.read(SPM_ROOT + path))
-            for name, path in {
-                "avg152": "canonical/avg152T1.nii",
-                "avg305": "canonical/avg305T1.nii",
-                "colin": "canonical/single_subj_T1.nii",
-                "grey": "toolbox/OldSeg/grey.nii",
-                "white": "toolbox/OldSeg/white.nii",
-                "csf": "toolbox/OldSeg/csf.nii",
-                "tpm": "tpm/TPM.nii",
-            }.items()
-        }
+    spm = spm_volumes(
+        cache,
+        {
+            "avg152": "canonical/avg152T1.nii",
+            "avg305": "canonical/avg305T1.nii",
+            "colin": "canonical/single_subj_T1.nii",
+            "grey": "toolbox/OldSeg/grey.nii",
+            "white": "toolbox/OldSeg/white.nii",
+            "csf": "toolbox/OldSeg/csf.nii",
+            "tpm": "tpm/TPM.nii",
+        },
+    )
 
     def labelled(image, maps):
         return relabel(image, maps) if labels == "em" else maps
@@ -110,13 +107,18 @@ def prepare_heads(cache):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     image, affine = read_nifti(debian_file("mricron-data", MRICRON_CH2, cache / "debs"))
-    wheel = download(WHEELS["spm"], cache / "wheels")
-    with zipfile.ZipFile(wheel) as archive:
-        ctf = zipfile.ZipFile(io.BytesIO(archive.read("spm_runtime/_spm/_spm.ctf")))
-        tpm, tpm_affine = read_nifti(ctf.read(SPM_ROOT + "tpm/TPM.nii"))
+    tpm, tpm_affine = spm_volumes(cache, {"tpm": "tpm/TPM.nii"})["tpm"]
     head = resample(tpm, tpm_affine, image.shape, affine)
     save(path, "colin", image, classify(image, head), affine)
     return path
+
+
+def spm_volumes(cache, paths):
+    """{name: (array, affine)} of NIfTI files in SPM's tree, from the spm-runtime wheel (its
+    `_spm.ctf` is a plain zip)."""
+    with zipfile.ZipFile(download(WHEELS["spm"], cache / "wheels")) as wheel:
+        ctf = zipfile.ZipFile(io.BytesIO(wheel.read("spm_runtime/_spm/_spm.ctf")))
+        return {name: read_nifti(ctf.read(SPM_ROOT + path)) for name, path in paths.items()}
 
 
 def debian_file(package, member, folder):
