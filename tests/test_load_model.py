@@ -260,3 +260,14 @@ def test_serving_needs_no_training_code_and_no_custom_op():
 def test_mask_png_of_the_bundled_model_is_readable(model, t1_png):
     mask = model.segment(processing.decode_png(t1_png))
     assert np.array_equal(read_png(processing.encode_mask(mask)), mask)
+
+
+def test_the_bundled_model_fills_a_stripped_brain_and_not_a_head(model, t1_png, head_png):
+    stripped = processing.decode_png(t1_png)
+    mask = model.segment(stripped)
+    assert (mask[stripped > stripped.min()] > 0).all()
+    head = processing.decode_png(head_png)
+    frame, geometry = processing.frame_slice(head, model.meta["frame_side"])
+    plain = processing.mask_from_scores(model.predict(frame[None, None])[0], geometry)
+    assert np.array_equal(model.segment(head), plain)
+    assert not plain[head > np.percentile(head, 60)].all()  # the head is not all brain

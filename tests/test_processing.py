@@ -360,6 +360,38 @@ def test_scores_are_interpolated_bilinearly(geometry):
     assert np.array_equal(mask[inside_y][:, inside_x], expected[inside_y][:, inside_x])
 
 
+def stripped_brain():
+    """A (40, 50) stripped slice: a disc of brain with a dark rim, black outside."""
+    y, x = np.ogrid[:40, :50]
+    distance = np.hypot(y - 20, x - 25)
+    slice_ = np.where(distance < 15, 200, 0).astype(np.uint8)
+    slice_[(distance >= 13) & (distance < 15)] = 10  # fluid at the brain's edge
+    return slice_, distance
+
+
+def test_a_stripped_slices_dark_brain_pixels_become_csf():
+    slice_, distance = stripped_brain()
+    mask = np.where(distance < 14.2, 2, 0).astype(np.uint8)  # the network missed part of the rim
+    filled = processing.fill_stripped(slice_, mask.copy())
+    assert (filled[slice_ > 0] > 0).all()
+    assert (filled[(slice_ > 0) & (mask == 0)] == 1).all()
+    assert not filled[slice_ == 0].any()
+    assert np.array_equal(filled[mask > 0], mask[mask > 0])
+
+
+def test_a_head_with_its_skull_is_left_as_the_network_made_it():
+    slice_, distance = stripped_brain()
+    slice_[(distance >= 15) & (distance < 19)] = 120  # skull and scalp around the brain
+    mask = np.where(distance < 13.5, 2, 0).astype(np.uint8)
+    assert np.array_equal(processing.fill_stripped(slice_, mask.copy()), mask)
+
+
+def test_a_slice_the_network_calls_all_background_stays_background():
+    slice_, _ = stripped_brain()
+    mask = np.zeros(slice_.shape, np.uint8)
+    assert not processing.fill_stripped(slice_, mask).any()
+
+
 def test_first_argmax_is_numpys_argmax_ties_included():
     scores = np.random.default_rng(4).integers(0, 3, (4, 40, 30)).astype(np.float32)
     assert np.array_equal(processing.first_argmax(scores), np.argmax(scores, axis=0))
