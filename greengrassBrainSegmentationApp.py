@@ -50,6 +50,7 @@ class Settings:
     port: int = 5000  # PORT
     model_dir: str = ""  # MODEL_DIR; empty = search Greengrass paths, then bundled
     runtime: str = "auto"  # RUNTIME: auto (the first that runs), openvino, onnxruntime, mxnet
+    passes: int = 2  # PASSES: 2 = each slice also upside down, scores averaged; 1 = half the work
     threads: int = 4  # THREADS: waitress worker threads
     max_upload_mb: float = 64.0  # MAX_UPLOAD_MB: larger bodies get 413
     max_volume_megavoxels: float = 32.0  # MAX_VOLUME_MEGAVOXELS: larger volumes get 413
@@ -81,7 +82,10 @@ class Settings:
                         f"error: {field.name.upper()}={raw!r} is not a valid {field.type.__name__}"
                     ) from None
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        settings = cls(**values)
+        if settings.passes not in (1, 2):
+            raise SystemExit(f"error: PASSES={settings.passes} must be 1 or 2")
+        return settings
 
 
 class ServiceUnavailable(Exception):
@@ -147,7 +151,9 @@ def create_app(settings=None, model=None, publisher=None):
     }
     if model is None:
         try:
-            state["model"] = load_model.load(settings.model_dir or None, settings.runtime)
+            state["model"] = load_model.load(
+                settings.model_dir or None, settings.runtime, settings.passes
+            )
         except load_model.ModelError as error:
             state["error"] = str(error)
             log.error("no model loaded: %s", error)
@@ -307,6 +313,7 @@ def create_app(settings=None, model=None, publisher=None):
                 "model_name": model.meta["name"],
                 "model_dir": model_dir(model),
                 "runtime": model.runtime.name,
+                "passes": model.passes,
                 "input_channels": model.meta["input_channels"],
                 "uptime_s": uptime,
                 "version": VERSION,
@@ -777,6 +784,12 @@ def main(argv=None):
         help="what runs the network (RUNTIME; default auto: OpenVINO, ONNX Runtime or MXNet)",
     )
     parser.add_argument(
+        "--passes",
+        type=int,
+        choices=(1, 2),
+        help="2: each slice also upside down, scores averaged; 1: one pass (PASSES, default 2)",
+    )
+    parser.add_argument(
         "--check",
         action="store_true",
         help="load the model, run it once, say what runs it and exit (0: it would serve)",
@@ -789,6 +802,7 @@ def main(argv=None):
         threads=args.threads,
         api_token=args.api_token,
         runtime=args.runtime,
+        passes=args.passes,
     )
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(message)s")
     one_malloc_arena()  # before the model loads and its threads start

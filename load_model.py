@@ -133,10 +133,14 @@ def read_meta(directory, shapes_path=None):
     return meta
 
 
-def load(model_dir=None, runtime="auto"):
-    """Find and load the model with `runtime` (auto, onnxruntime or mxnet); raises ModelError."""
+def load(model_dir=None, runtime="auto", passes=2):
+    """Find and load the model with `runtime` (auto, onnxruntime or mxnet); raises ModelError.
+
+    `passes`: 2 averages each frame's scores with its upside-down copy's, 1 runs it once
+    (`processing.predict_frames`).
+    """
     directory, origin = find_model_dir(model_dir)
-    model = Model(directory, runtime)
+    model = Model(directory, runtime, passes)
     log.info(
         "loaded model %s (%s) from %s [%s] with %s",
         model.meta["name"],
@@ -151,7 +155,10 @@ def load(model_dir=None, runtime="auto"):
 class Model:
     """A model directory's facts (meta, model_id) and the runtime that runs its network."""
 
-    def __init__(self, directory, runtime="auto"):
+    def __init__(self, directory, runtime="auto", passes=2):
+        if passes not in (1, 2):
+            raise ModelError(f"passes must be 1 or 2, not {passes!r}")
+        self.passes = passes
         self.directory = Path(directory)
         self.files = find_files(self.directory)
         self.params_path = self.files.params
@@ -171,7 +178,12 @@ class Model:
         A `timings` dict gets "forward_ms", the network's own share of the time.
         """
         return processing.segment_with(
-            self.predict, slice_, self.meta["frame_side"], self.meta["input_channels"], timings
+            self.predict,
+            slice_,
+            self.meta["frame_side"],
+            self.meta["input_channels"],
+            timings,
+            self.passes,
         )
 
     def describe(self):
@@ -181,6 +193,7 @@ class Model:
             "model_dir": str(self.directory),
             "params_file": self.params_path.name,
             "runtime": self.runtime.name,
+            "passes": self.passes,
             **self.meta,
         }
 

@@ -449,8 +449,7 @@ def segment(model, volume, plane=None, progress_every_s=PROGRESS_EVERY_S):
     batch_indices, frames, geometries = [], [], []
 
     def flush():
-        batch = np.repeat(np.stack(frames)[:, None], channels, axis=1)
-        scores = model.predict(batch)
+        scores = processing.predict_frames(model.predict, np.stack(frames), channels, model.passes)
         for index, geometry, score in zip(batch_indices, geometries, scores):
             mask = processing.mask_from_scores(score, geometry)
             labels[index] = processing.fill_stripped(slices[index], mask)

@@ -17,6 +17,7 @@ from conftest import ROOT, agreement, exchange, post_head, read_png, serve, stop
 from test_processing import png_with_header
 
 import greengrassBrainSegmentationApp as app_module
+import processing
 
 
 def request(url, data=None, method=None, headers=None):
@@ -103,7 +104,7 @@ def test_health_and_model(server_url):
     status, _, body = request(server_url + "/health")
     health = json.loads(body)
     assert status == 200 and health["model_loaded"] and health["input_channels"] == 1
-    assert health["runtime"] == "openvino"
+    assert health["runtime"] == "openvino" and health["passes"] == 2
     status, _, body = request(server_url + "/model")
     facts = json.loads(body)
     assert facts["classes"] == ["background", "csf", "grey_matter", "white_matter"]
@@ -252,6 +253,7 @@ def test_two_file_parts_are_a_400(server_url, t1_png, head_png):
 def test_internal_failure_is_a_json_500(model, t1_png):
     class Broken:
         meta, model_id, directory, runtime = model.meta, "broken", "nowhere", model.runtime
+        passes = 2
 
         def segment(self, slice_):
             raise RuntimeError("boom")
@@ -286,12 +288,27 @@ def test_servers_on_every_runtime_serve_the_same_masks(test_slices):
             stop(server)
 
 
+def test_one_pass_serves_the_single_pass_mask(model, t1_png):
+    server, url = serve(app_module.Settings.from_env({"PASSES": "1"}, host="127.0.0.1", port=0))
+    try:
+        slice_ = processing.decode_png(t1_png)
+        one = processing.segment_with(model.predict, slice_, 256, passes=1)
+        status, _, body = post_png(url + "/segment", t1_png)
+        assert status == 200 and np.array_equal(read_png(body), one)
+        assert not np.array_equal(one, model.segment(slice_))
+        assert json.loads(request(url + "/health")[2])["passes"] == 1
+    finally:
+        stop(server)
+
+
 def test_settings_read_the_environment_and_flags_win():
     settings = app_module.Settings.from_env({"PORT": "6001", "MODEL_DIR": "/m"}, port=7000)
     assert settings.port == 7000 and settings.model_dir == "/m" and settings.host == "0.0.0.0"
     assert app_module.Settings.from_env({"RUNTIME": "mxnet"}, runtime=None).runtime == "mxnet"
     with pytest.raises(SystemExit, match="PORT"):
         app_module.Settings.from_env({"PORT": "five thousand"})
+    with pytest.raises(SystemExit, match="PASSES=3 must be 1 or 2"):
+        app_module.Settings.from_env({"PASSES": "3"})
 
 
 def test_the_server_keeps_one_malloc_arena_unless_the_operator_chose(monkeypatch):

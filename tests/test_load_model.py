@@ -268,6 +268,17 @@ def test_the_bundled_model_fills_a_stripped_brain_and_not_a_head(model, t1_png, 
     assert (mask[stripped > stripped.min()] > 0).all()
     head = processing.decode_png(head_png)
     frame, geometry = processing.frame_slice(head, model.meta["frame_side"])
-    plain = processing.mask_from_scores(model.predict(frame[None, None])[0], geometry)
+    scores = processing.predict_frames(model.predict, frame[None], 1, model.passes)[0]
+    plain = processing.mask_from_scores(scores, geometry)
     assert np.array_equal(model.segment(head), plain)
     assert not plain[head > np.percentile(head, 60)].all()  # the head is not all brain
+
+
+def test_two_passes_average_the_frame_and_its_upside_down_copy(model, t1_png):
+    frame = processing.frame_slice(processing.decode_png(t1_png), 256)[0]
+    once = model.predict(frame[None, None])[0]
+    flipped = model.predict(np.ascontiguousarray(frame[None, None, ::-1]))[0][:, ::-1]
+    both = processing.predict_frames(model.predict, frame[None], 1, 2)[0]
+    assert np.allclose(both, (once + flipped) / 2, atol=1e-4)
+    assert np.array_equal(processing.predict_frames(model.predict, frame[None], 1, 1)[0], once)
+    assert (np.argmax(both, 0) != np.argmax(once, 0)).any()  # the second pass changes pixels

@@ -52,6 +52,10 @@ def main(argv=None):
         "called outside the brain and the least of the brain called tissue",
     )  # fmt: skip
     parser.add_argument("--worst-count", type=int, default=6, help="slices of each kind")
+    parser.add_argument(
+        "--passes", type=int, choices=(1, 2), default=2,
+        help="2 (as served): each frame also upside down, scores averaged; 1: one pass",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     if args.pairs:
@@ -65,7 +69,7 @@ def main(argv=None):
     import load_model
 
     try:
-        model = load_model.load(args.model_dir)
+        model = load_model.load(args.model_dir, passes=args.passes)
     except load_model.ModelError as error:
         sys.exit(f"error: {error}")
     predictions = [model.segment(s["raw"]) for s in slices]
@@ -150,13 +154,14 @@ def to_uint16(values):
 
 
 def predict_slices(net, slices, side=FRAME_SIDE):
-    """Masks from a Gluon network for each slice dict (training-time validation)."""
+    """Masks from a Gluon network for each slice dict (training-time validation, one pass,
+    so every epoch's figures compare with earlier runs')."""
     import mxnet as mx
 
     def predict(batch):
         return net(mx.nd.array(batch)).asnumpy()
 
-    return [segment_with(predict, s["raw"], side, net.in_channels) for s in slices]
+    return [segment_with(predict, s["raw"], side, net.in_channels, passes=1) for s in slices]
 
 
 def dice_scores(slices, predictions, where=lambda s: True):
