@@ -165,8 +165,8 @@ class Model:
         self.meta = read_meta(self.directory, self.files.shapes)
         self.model_id = file_id(self.params_path)
         self.runtime = open_runtime(runtime, self.files, self.meta, self.model_id)
-        side = self.meta["frame_side"]  # the one input shape that serving uses
-        self.predict(np.zeros((1, self.meta["input_channels"], side, side), np.float32))
+        side = self.meta["frame_side"]  # the one frame shape that serving uses, as batched
+        self.predict(np.zeros((passes, self.meta["input_channels"], side, side), np.float32))
 
     def predict(self, batch):
         """(N, C, H, W) float32, H and W multiples of size_multiple -> (N, K, H, W) logits."""

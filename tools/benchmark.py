@@ -2,10 +2,11 @@
 
     python tools/benchmark.py [--repeats 30] [--requests 30] [--model-dir model/segmentation-net]
 
-Prints a table: ms per 256x256 slice (median and p90) at batch 1 and batch 8 for MXNet as
+Prints a table: ms per 256x256 slice (median and p90) at batch 1, 2 and 8 for MXNet as
 exported (PReLU, softmax), MXNet rewritten (LeakyReLU, no softmax), ONNX Runtime and OpenVINO
 (the last two run the same model.onnx; a runtime not installed here is left out); then the
-standalone server (started as a user would, on a free port): start to healthy, end to
+standalone server (started as a user would, on a free port, two passes unless --passes 1:
+batch 2 is what it runs per slice): start to healthy, end to
 end over HTTP, the forward pass inside it and what HTTP adds, peak RSS. Each runtime is
 timed in its own process, so that one's threads never compete with another's.
 """
@@ -31,7 +32,7 @@ import load_model  # noqa: E402
 import processing  # noqa: E402
 
 SIDE = processing.FRAME_SIDE
-BATCHES = (1, 8)
+BATCHES = (1, 2, 8)  # 2: one slice served with two passes
 ROWS = [
     ("mxnet-exported", "MXNet as exported (PReLU, softmax)"),
     ("mxnet", "MXNet rewritten (LeakyReLU, no softmax)"),
@@ -46,6 +47,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=30, help="timed passes per batch size")
     parser.add_argument("--requests", type=int, default=30, help="timed HTTP requests")
     parser.add_argument("--model-dir", default=str(load_model.BUNDLED_PATH))
+    parser.add_argument("--passes", type=int, choices=(1, 2), default=2, help="the server's")
     parser.add_argument("--forward", choices=[key for key, _ in ROWS], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.forward:  # the child process that times one runtime
@@ -54,7 +56,7 @@ def main(argv=None):
     print(f"{cpu_name()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
     results = {key: time_in_child(key, args) for key, _ in ROWS}
     print_table(results)
-    http = http_figures(args.model_dir, args.requests)
+    http = http_figures(args.model_dir, args.requests, args.passes)
     print_http(http, results[http["runtime"]])
 
 
@@ -99,8 +101,9 @@ def forward_pass_ms(key, model_dir, repeats):
 def print_table(results):
     """The side-by-side table, markdown, as the README shows it."""
     print()
-    print("| runtime | b1 median | b1 p90 | b8 median | b8 p90 |")
-    print("| --- | --- | --- | --- | --- |")
+    columns = [f"b{batch} {figure}" for batch in BATCHES for figure in ("median", "p90")]
+    print("| runtime | " + " | ".join(columns) + " |")
+    print("| --- |" + " --- |" * len(columns))
     for key, label in ROWS:
         if results[key] is None:
             continue
@@ -112,19 +115,20 @@ def print_table(results):
     print("(ms per 256x256 slice)")
 
 
-def http_figures(model_dir, requests):
+def http_figures(model_dir, requests, passes=2):
     """Start the standalone server, time /health and POSTs of the framed slice, peak RSS."""
     body = png_bytes(framed_slice())
     port = free_port()
     began = time.perf_counter()
     command = [sys.executable, str(ROOT / "greengrassBrainSegmentationApp.py"), "--host"]
     command += ["127.0.0.1", "--port", str(port), "--model-dir", model_dir]
+    command += ["--passes", str(passes)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}"
         healthy = wait_healthy(url) - began
         with urllib.request.urlopen(url + "/health") as response:
-            runtime = json.loads(response.read())["runtime"]
+            health = json.loads(response.read())
         end_to_end, inference, forward = [], [], []
         for _ in range(requests + 2):
             started = time.perf_counter()
@@ -141,7 +145,8 @@ def http_figures(model_dir, requests):
         server.terminate()
         server.wait()
     return {
-        "runtime": runtime,
+        "runtime": health["runtime"],
+        "passes": health["passes"],
         "healthy_s": healthy,
         "end_to_end": end_to_end[2:],
         "inference": inference[2:],
@@ -152,12 +157,15 @@ def http_figures(model_dir, requests):
 
 def print_http(http, runtime_times):
     """The server's figures; what HTTP adds is measured on each request (end to end minus
-    that request's forward pass, `X-Forward-Ms`), and also against the bare forward pass."""
-    bare = statistics.median(runtime_times[1])
+    that request's forward pass, `X-Forward-Ms`), and also against the bare forward pass of
+    the batch the server runs (one frame, or it and its upside-down copy)."""
+    passes = http["passes"]
+    bare = statistics.median(runtime_times[passes]) * passes
     end_to_end = statistics.median(http["end_to_end"])
     added = [e - f for e, f in zip(http["end_to_end"], http["forward"])]
     print()
-    print(f"server ({http['runtime']}), {len(http['end_to_end'])} requests of a 256x256 PNG:")
+    count = len(http["end_to_end"])
+    print(f"server ({http['runtime']}, {passes} passes), {count} requests of a 256x256 PNG:")
     print(f"  start to healthy                 {http['healthy_s']:.2f} s")
     print(
         f"  end to end over HTTP, median/p90 {end_to_end:.1f} / "
@@ -166,7 +174,9 @@ def print_http(http, runtime_times):
     print(f"  X-Inference-Ms (segment), median {statistics.median(http['inference']):.1f} ms")
     print(f"  X-Forward-Ms (network), median   {statistics.median(http['forward']):.1f} ms")
     print(f"  HTTP, decode, frame, mask, encode add {statistics.median(added):.1f} ms")
-    print(f"    (end to end minus the bare forward pass: {end_to_end - bare:.1f} ms)")
+    print(
+        f"    (end to end minus the bare forward pass, batch {passes}: {end_to_end - bare:.1f} ms)"
+    )
     print(f"  server peak RSS                  {http['rss_mb']} MB")
 
 
