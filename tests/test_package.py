@@ -233,6 +233,7 @@ def test_recipe_names_the_zip_and_the_native_pins():
     assert recipe["ComponentConfiguration"]["DefaultConfiguration"] == {
         "Port": 5000,
         "ModelDir": "",
+        "Passes": 2,
     }
     manifest = recipe["Manifests"][0]
     artifact = manifest["Artifacts"][0]
@@ -246,6 +247,7 @@ def test_recipe_names_the_zip_and_the_native_pins():
     run = manifest["Lifecycle"]["Run"]
     assert "{artifacts:decompressedPath}/greengrassBrainSegmentation/" in run
     assert "{configuration:/Port}" in run and "{configuration:/ModelDir}" in run
+    assert "--passes {configuration:/Passes}" in run
 
 
 @pytest.mark.parametrize("runtime_there", [True, False])
@@ -318,6 +320,7 @@ def test_recipe_run_step_serves(unzipped, tmp_path):
         .replace("{artifacts:decompressedPath}", str(unzipped.parent))
         .replace("{configuration:/Port}", str(port))
         .replace("{configuration:/ModelDir}", str(model_dir))
+        .replace("{configuration:/Passes}", "1")
     )
     assert "{" not in run
     env = {
@@ -333,7 +336,7 @@ def test_recipe_run_step_serves(unzipped, tmp_path):
         url = f"http://127.0.0.1:{port}"
         wait_or_fail(url, log_path, "the recipe's Run step")
         facts = health(url)
-        assert facts["status"] == "ok"
+        assert facts["status"] == "ok" and facts["passes"] == 1
         assert Path(facts["model_dir"]).resolve() == model_dir.resolve()
     finally:
         stop(process)
