@@ -83,7 +83,7 @@ class Settings:
                     ) from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
-        if settings.passes not in (1, 2):
+        if settings.passes not in processing.PASSES:
             raise SystemExit(f"error: PASSES={settings.passes} must be 1 or 2")
         return settings
 
@@ -786,7 +786,7 @@ def main(argv=None):
     parser.add_argument(
         "--passes",
         type=int,
-        choices=(1, 2),
+        choices=processing.PASSES,
         help="2: each slice also upside down, scores averaged; 1: one pass (PASSES, default 2)",
     )
     parser.add_argument(

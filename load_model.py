@@ -156,7 +156,7 @@ class Model:
     """A model directory's facts (meta, model_id) and the runtime that runs its network."""
 
     def __init__(self, directory, runtime="auto", passes=2):
-        if passes not in (1, 2):
+        if passes not in processing.PASSES:
             raise ModelError(f"passes must be 1 or 2, not {passes!r}")
         self.passes = passes
         self.directory = Path(directory)

@@ -27,8 +27,10 @@ HEAD_MARGIN = 0.05
 HEAD_THRESHOLD = 0.1
 # A slice is taken as skull-stripped when the network calls this share of its above-minimum
 # pixels tissue: 0.78-1.00 on stripped held-out slices (5th percentile 0.88), at most 0.73 on
-# skull-on ones, degraded or not (model card, "Skull-stripped slices").
+# skull-on ones, degraded or not (model card, "How it is served").
 STRIPPED_COVER = 0.85
+# How many times each frame goes through the network (predict_frames): 2 is served by default.
+PASSES = (1, 2)
 MAX_SIDE = 4096
 ACCEPTED = "PNG: 1- to 16-bit greyscale, greyscale+alpha, RGB, RGBA or palette"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -626,9 +628,9 @@ def predict_frames(predict, frames, channels=1, passes=2):
 
     With 2 `passes` each frame also goes through the network upside down, and its scores are
     the mean of both: better masks on every held-out brain and plane, for twice the work
-    (model card, "Two passes"). 1 is a single pass.
+    (model card, "How it is served"). 1 is a single pass.
     """
-    if passes not in (1, 2):
+    if passes not in PASSES:
         raise ValueError(f"passes must be 1 or 2, not {passes!r}")
     batch = frames[:, None]
     if passes == 2:

@@ -47,7 +47,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=30, help="timed passes per batch size")
     parser.add_argument("--requests", type=int, default=30, help="timed HTTP requests")
     parser.add_argument("--model-dir", default=str(load_model.BUNDLED_PATH))
-    parser.add_argument("--passes", type=int, choices=(1, 2), default=2, help="the server's")
+    parser.add_argument(
+        "--passes", type=int, choices=processing.PASSES, default=2, help="the server's"
+    )
     parser.add_argument("--forward", choices=[key for key, _ in ROWS], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.forward:  # the child process that times one runtime

@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from processing import CLASS_NAMES as CLASSES
-from processing import FRAME_SIDE, PALETTE, segment_with
+from processing import FRAME_SIDE, PALETTE, PASSES, segment_with
 from training.data import brain_slices, load_templates, planes
 
 PLANES = ("sagittal", "coronal", "axial")
@@ -53,7 +53,7 @@ def main(argv=None):
     )  # fmt: skip
     parser.add_argument("--worst-count", type=int, default=6, help="slices of each kind")
     parser.add_argument(
-        "--passes", type=int, choices=(1, 2), default=2,
+        "--passes", type=int, choices=PASSES, default=2,
         help="2 (as served): each frame also upside down, scores averaged; 1: one pass",
     )  # fmt: skip
     args = parser.parse_args(argv)
