@@ -93,6 +93,13 @@ def parse_args(argv=None):
         help="share of slices that use the volume's real image, not a synthetic one",
     )
     parser.add_argument(
+        "--beyond-brain",
+        type=float,
+        default=0.15,
+        help="share of slices drawn where the head has little or no brain (skull base, eyes, "
+        "neck, vertex)",
+    )
+    parser.add_argument(
         "--pixel-mm", default="0.5,3",
         help="range of in-plane pixel sizes (mm) that training slices are resampled to",
     )  # fmt: skip
@@ -131,6 +138,7 @@ def train(args):
         args.seed + rank,
         pixel_mm,
         args.frame_side,
+        args.beyond_brain,
     )
     validation = validation_slices(val_volumes)
     log(
@@ -343,6 +351,7 @@ def export(net, model_dir, args, scores, state):
             "ce_weight": args.ce_weight,
             "pixel_mm": args.pixel_mm,
             "real_fraction": args.real_fraction,
+            "beyond_brain": args.beyond_brain,
             "init": args.init,
             "class_weights": args.class_weights,
         },
