@@ -620,6 +620,13 @@ def segment_with(predict, slice_, side, channels=1, timings=None, passes=2):
     scores = predict_frames(predict, frame[None], channels, passes)[0]
     if timings is not None:
         timings["forward_ms"] = round((time.perf_counter() - started) * 1000, 1)
+    return mask_of(slice_, scores, geometry)
+
+
+def mask_of(slice_, scores, geometry):
+    """(H, W) uint8 classes of an (H, W) slice from its frame's (K, side, side) scores: the
+    scores mapped back (mask_from_scores), then a stripped slice filled (fill_stripped). The
+    PNG and volume routes both end here."""
     return fill_stripped(slice_, mask_from_scores(scores, geometry))
 
 

@@ -2,10 +2,9 @@
 
 A volume is read from memory (never from a file), reoriented to the nearest RAS axes, cut
 into slices along one plane, and every slice goes through the PNG route's steps:
-`processing.frame_slice` -> `model.predict` (in batches) -> `processing.mask_from_scores` ->
-`processing.fill_stripped`. The labels are put back in the upload's own voxel order, so they
-overlay it in any viewer. Sizes are checked from headers before any pixel is decoded or
-decompressed.
+`processing.frame_slice` -> `processing.predict_frames` (in batches) -> `processing.mask_of`.
+The labels are put back in the upload's own voxel order, so they overlay it in any viewer.
+Sizes are checked from headers before any pixel is decoded or decompressed.
 """
 
 import gzip
@@ -451,8 +450,7 @@ def segment(model, volume, plane=None, progress_every_s=PROGRESS_EVERY_S):
     def flush():
         scores = processing.predict_frames(model.predict, np.stack(frames), channels, model.passes)
         for index, geometry, score in zip(batch_indices, geometries, scores):
-            mask = processing.mask_from_scores(score, geometry)
-            labels[index] = processing.fill_stripped(slices[index], mask)
+            labels[index] = processing.mask_of(slices[index], score, geometry)
         del batch_indices[:], frames[:], geometries[:]
 
     for index in range(len(slices)):
