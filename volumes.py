@@ -27,6 +27,11 @@ MAX_VOXELS = 32_000_000  # the default of MAX_VOLUME_MEGAVOXELS
 MIN_SLICES = 1
 BATCH = 8  # frames per forward pass: bounds the scores held at once (8 x K x side x side)
 PROGRESS_EVERY_S = 5.0
+# keep_brain: tissue is eroded by CORE_RADIUS_MM before its 3-D pieces are counted, and
+# pieces under MIN_PIECE of the largest are dropped (eyes, face, scalp; not a brain cut in
+# two by one badly segmented slice).
+CORE_RADIUS_MM = 3.0
+MIN_PIECE = 0.05
 NIFTI_HEADER_BYTES = {348: nib.Nifti1Header, 540: nib.Nifti2Header}
 DICOM_MAX_FILES = 4096
 CHUNK = 1 << 20  # compressed bytes fed to zlib at a time
@@ -432,7 +437,8 @@ def segment(model, volume, plane=None, progress_every_s=PROGRESS_EVERY_S):
     """Volume -> ((X, Y, Z) uint8 labels in the upload's voxel order, plane, slice count).
 
     The volume is turned to the nearest RAS axes, the slices along `plane` are framed,
-    predicted BATCH at a time and mapped back one by one, exactly as a PNG slice is.
+    predicted BATCH at a time and mapped back one by one, exactly as a PNG slice is; then
+    tissue outside the brain's 3-D pieces is dropped (keep_brain).
     """
     plane = plane or acquisition_plane(volume)
     slices = along(volume.data, volume.affine, plane)
@@ -471,10 +477,121 @@ def segment(model, volume, plane=None, progress_every_s=PROGRESS_EVERY_S):
             last_report = now
     if frames:
         flush()
+    labels = keep_brain(labels, slice_mm(volume, plane))
     ornt = nib.orientations.io_orientation(volume.affine)
     back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)
     labels = nib.orientations.apply_orientation(np.moveaxis(labels, 0, PLANES[plane]), back)
     return np.ascontiguousarray(labels, np.uint8), plane, len(slices)
+
+
+def keep_brain(labels, spacing, radius_mm=CORE_RADIUS_MM, min_piece=MIN_PIECE):
+    """(N, A, B) uint8 labels, voxels `spacing` mm, with tissue apart from the brain made
+    background. Changes `labels` in place and returns it.
+
+    A brain is one thick piece in 3-D. What a slice at a time wrongly calls tissue (face and
+    neck below the brain, scalp above it, eyes) is a thin shell or a small piece, joined to
+    the brain, if at all, by thin bridges. So the tissue is eroded by `radius_mm`, pieces of
+    the rest under `min_piece` of the largest are dropped, and what is left grows back
+    within the tissue by one voxel more than it was eroded.
+    """
+    tissue = labels > 0
+    steps = [int(radius_mm / float(size) + 0.5) for size in spacing]
+    core = erode(tissue, steps)
+    rows, starts, stops, piece = tissue_pieces(core)
+    if not len(piece):
+        return labels
+    sizes = np.bincount(piece, weights=stops - starts)
+    small = sizes[piece] < min_piece * sizes.max()
+    width = labels.shape[-1]
+    first, last = rows[small] * width + starts[small], rows[small] * width + stops[small]
+    edges = np.bincount(first, minlength=core.size + 1) - np.bincount(last, minlength=core.size + 1)
+    core.reshape(-1)[np.cumsum(edges[:-1]) > 0] = False
+    kept = grow_within(core, tissue, [step + 1 for step in steps])
+    labels[tissue & ~kept] = 0
+    return labels
+
+
+def erode(mask, steps):
+    """`mask` eroded by a cross, steps[axis] voxels along each axis; beyond the volume is
+    background. (Where a field of view cuts the brain, grow_within puts the cut back.)"""
+    mask = mask.copy()
+    for step in range(max(steps)):
+        before = mask.copy()
+        for axis, count in enumerate(steps):
+            if step < count:
+                ahead, behind = shifted(axis)
+                mask[ahead] &= before[behind]
+                mask[behind] &= before[ahead]
+                np.moveaxis(mask, axis, 0)[[0, -1]] = False
+    return mask
+
+
+def grow_within(mask, within, steps):
+    """`mask` dilated by a cross, steps[axis] voxels along each axis, never beyond `within`."""
+    mask = mask.copy()
+    for step in range(max(steps)):
+        before = mask.copy()
+        for axis, count in enumerate(steps):
+            if step < count:
+                ahead, behind = shifted(axis)
+                mask[ahead] |= before[behind]
+                mask[behind] |= before[ahead]
+        mask &= within
+    return mask
+
+
+def shifted(axis):
+    """Index tuples of a 3-D array's voxels 1..end and 0..end-1 along `axis`."""
+    ahead = [slice(None)] * 3
+    behind = [slice(None)] * 3
+    ahead[axis], behind[axis] = slice(1, None), slice(None, -1)
+    return tuple(ahead), tuple(behind)
+
+
+def tissue_pieces(mask):
+    """The 26-connected pieces of an (N, A, B) bool mask, as runs along its last axis.
+
+    Returns (row, start, stop, piece) per run: the run covers mask.reshape(-1, B)[row,
+    start:stop], and runs in one piece share its number. NumPy only (scipy is not a serving
+    dependency) and about as fast as scipy.ndimage.label: each row's runs are joined to the
+    runs they touch in the 4 rows after it, then union-find with pointer jumping.
+    """
+    count, height, width = mask.shape
+    padded = np.zeros((count * height, width + 2), np.int8)
+    padded[:, 1:-1] = mask.reshape(count * height, width)
+    steps = np.diff(padded, axis=1)
+    rows, starts = np.nonzero(steps == 1)
+    stops = np.nonzero(steps == -1)[1]
+    # one sorted key per run end, so the runs a run touches in another row are one range
+    key = width + 2
+    start_keys, stop_keys = rows * key + starts, rows * key + stops
+    slab, row = np.divmod(rows, height)
+    first, second = [], []
+    for d_slab, d_row in ((0, 1), (1, -1), (1, 0), (1, 1)):
+        to_slab, to_row = slab + d_slab, row + d_row
+        run = np.flatnonzero((to_slab < count) & (to_row >= 0) & (to_row < height))
+        other = (to_slab * height + to_row)[run] * key
+        # diagonal neighbours count: runs touch when they overlap or meet at a corner
+        low = np.searchsorted(stop_keys, other + starts[run] - 1, side="right")
+        high = np.searchsorted(start_keys, other + stops[run], side="right")
+        touching = np.maximum(high - low, 0)
+        first.append(np.repeat(run, touching))
+        within = np.arange(touching.sum()) - np.repeat(np.cumsum(touching) - touching, touching)
+        second.append(np.repeat(low, touching) + within)
+    first, second = np.concatenate(first), np.concatenate(second)
+    piece = np.arange(len(starts))
+    while True:
+        a, b = piece[first], piece[second]
+        apart = a != b
+        if not apart.any():
+            return rows, starts, stops, piece
+        a, b = a[apart], b[apart]
+        piece[np.maximum(a, b)] = np.minimum(a, b)  # hook the larger root under the smaller
+        while True:
+            jumped = piece[piece]
+            if np.array_equal(jumped, piece):
+                break
+            piece = jumped
 
 
 def along(array, affine, plane):
@@ -487,11 +604,17 @@ def along(array, affine, plane):
 
 def in_plane_mm(volume, plane):
     """(A, B) pixel sizes in mm of `plane`'s slices, as `along` lays them out."""
+    return slice_mm(volume, plane)[1:]
+
+
+def slice_mm(volume, plane):
+    """(N, A, B) voxel sizes in mm of the (N, A, B) array `along` makes: across the slices,
+    then in their plane."""
     ornt = nib.orientations.io_orientation(volume.affine)
     zooms = volume.zooms
     ras_zooms = [float(zooms[list(ornt[:, 0]).index(axis)]) for axis in range(3)]
-    del ras_zooms[PLANES[plane]]
-    return ras_zooms
+    across = ras_zooms.pop(PLANES[plane])
+    return [across, *ras_zooms]
 
 
 def tissue_volumes(labels, volume, classes):

@@ -329,3 +329,71 @@ def test_bad_dicom_gets_a_json_4xx(server_url, icbm_slab, name):
     answer, _, reply = post(server_url, body)
     assert answer == status and words in json.loads(reply)["error"], reply
     assert "Doe" not in reply.decode()
+
+
+def test_tissue_pieces_are_scipys_26_connected_pieces():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    for trial in range(12):
+        noise = ndimage.gaussian_filter(rng.random((14, 19, 23)), 1.2)
+        mask = noise > np.quantile(noise, rng.uniform(0.4, 0.8))
+        rows, starts, stops, piece = volumes.tissue_pieces(mask)
+        ours = np.full(mask.shape, -1).reshape(-1, mask.shape[2])
+        for row, start, stop, number in zip(rows, starts, stops, piece):
+            ours[row, start:stop] = number
+        theirs, count = ndimage.label(mask, np.ones((3, 3, 3)))
+        ours = ours.reshape(mask.shape)
+        assert ((ours >= 0) == mask).all()
+        assert count > 1 or trial  # the masks do come in several pieces
+        # the same partition: each of scipy's pieces is exactly one of ours
+        assert len(set(zip(theirs[mask].tolist(), ours[mask].tolist()))) == count
+        assert len(set(piece.tolist())) == count
+
+
+def head_phantom(spacing=1.0):
+    """(labels, brain) of a 1 mm-like head: a brain ball, a scalp shell around it joined by a
+    thin bridge, and an eye, all called tissue as a slice-by-slice network might."""
+    z, y, x = np.indices((60, 70, 70)) * spacing
+    centre = np.array([30, 35, 35]) * spacing
+    radius = np.sqrt((z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2)
+    brain = radius < 22 * spacing
+    scalp = (radius > 27 * spacing) & (radius < 29 * spacing) & (z < 55 * spacing)
+    bridge = (np.abs(y - centre[1]) < spacing) & (np.abs(x - centre[2]) < spacing)
+    bridge &= (radius >= 22 * spacing) & (radius <= 27 * spacing)
+    eye = np.sqrt((z - 30 * spacing) ** 2 + (y - 66 * spacing) ** 2 + (x - 35 * spacing) ** 2)
+    labels = np.where(brain, 3, 0).astype(np.uint8)
+    labels[scalp | bridge] = 2
+    labels[eye < 3 * spacing] = 1
+    return labels, brain
+
+
+def test_keep_brain_drops_scalp_bridge_and_eye_not_brain():
+    labels, brain = head_phantom()
+    assert np.count_nonzero(labels[~brain]) > 18000
+    kept = volumes.keep_brain(labels.copy(), [1.0, 1.0, 1.0])
+    assert (kept[brain] == 3).all()
+    # all but the bridge's foot, which grows back with the brain's eroded rim
+    assert np.count_nonzero(kept[~brain]) <= 4
+
+
+def test_keep_brain_keeps_a_brain_cut_in_two_and_one_cut_by_the_field_of_view():
+    labels, brain = head_phantom()
+    labels[30] = 0  # a slice the network got wrong: the brain in two halves
+    kept = volumes.keep_brain(labels.copy(), [1.0, 1.0, 1.0])
+    assert np.count_nonzero(kept[~brain]) <= 8
+    # both halves stay; an opening rounds the edge where the cut meets the brain's surface
+    lost = np.argwhere(brain & (kept == 0))[:, 0]
+    assert set(lost) <= {27, 28, 29, 30, 31, 32, 33}
+    assert len(lost) - np.count_nonzero(brain[30]) < 0.03 * brain.sum()
+    slab = volumes.keep_brain(labels[15:25].copy(), [1.0, 1.0, 1.0])  # 10 slices of it
+    assert np.count_nonzero(slab[brain[15:25]]) > 0.9 * np.count_nonzero(brain[15:25])
+
+
+def test_keep_brain_erodes_in_millimetres():
+    # 5 mm slices: an erosion of 3 mm takes one slice off each end, not three.
+    labels, brain = head_phantom()
+    thick = labels[::5].copy()
+    kept = volumes.keep_brain(thick.copy(), [5.0, 1.0, 1.0])
+    assert (kept[brain[::5]] == 3).all() and kept.any()
+    assert volumes.erode(np.ones((5, 9, 9), bool), [1, 3, 3]).sum() == 3 * 3 * 3
