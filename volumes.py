@@ -477,11 +477,20 @@ def segment(model, volume, plane=None, progress_every_s=PROGRESS_EVERY_S):
             last_report = now
     if frames:
         flush()
-    labels = keep_brain(labels, slice_mm(volume, plane))
+    radius = 0.0 if looks_stripped(slices, labels) else CORE_RADIUS_MM
+    labels = keep_brain(labels, slice_mm(volume, plane), radius)
     ornt = nib.orientations.io_orientation(volume.affine)
     back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)
     labels = nib.orientations.apply_orientation(np.moveaxis(labels, 0, PLANES[plane]), back)
     return np.ascontiguousarray(labels, np.uint8), plane, len(slices)
+
+
+def looks_stripped(slices, labels):
+    """Whether a volume is skull-stripped: its labels call at least STRIPPED_COVER of the
+    voxels above its minimum tissue, as processing.fill_stripped tells a stripped slice."""
+    above = slices > slices.min()
+    tissue = np.count_nonzero(np.logical_and(above, labels > 0, out=above))
+    return tissue >= processing.STRIPPED_COVER * np.count_nonzero(slices > slices.min())
 
 
 def keep_brain(labels, spacing, radius_mm=CORE_RADIUS_MM, min_piece=MIN_PIECE):
@@ -492,7 +501,9 @@ def keep_brain(labels, spacing, radius_mm=CORE_RADIUS_MM, min_piece=MIN_PIECE):
     neck below the brain, scalp above it, eyes) is a thin shell or a small piece, joined to
     the brain, if at all, by thin bridges. So the tissue is eroded by `radius_mm`, pieces of
     the rest under `min_piece` of the largest are dropped, and what is left grows back
-    within the tissue by one voxel more than it was eroded.
+    within the tissue by one voxel more than it was eroded. That also rounds off the brain's
+    own thin edges (2 % of a stripped brain), so a stripped volume, which has no scalp, is
+    given `radius_mm` 0: only its small pieces go.
     """
     tissue = labels > 0
     steps = [int(radius_mm / float(size) + 0.5) for size in spacing]

@@ -397,3 +397,18 @@ def test_keep_brain_erodes_in_millimetres():
     kept = volumes.keep_brain(thick.copy(), [5.0, 1.0, 1.0])
     assert (kept[brain[::5]] == 3).all() and kept.any()
     assert volumes.erode(np.ones((5, 9, 9), bool), [1, 3, 3]).sum() == 3 * 3 * 3
+
+
+def test_a_stripped_volume_keeps_its_thin_edges():
+    labels, brain = head_phantom()
+    image = np.where(brain, 100.0, 0.0)
+    fins = np.zeros_like(brain)
+    fins[30, 10:60, 34:36] = True  # a thin fold of the brain, 2 voxels across
+    image[fins], labels[fins] = 100.0, 2
+    labels[~brain & ~fins] = 0  # what the network leaves of a stripped head: brain only
+    assert volumes.looks_stripped(image, labels)
+    assert volumes.keep_brain(labels.copy(), [1.0] * 3, 0.0)[fins].all()
+    assert not volumes.keep_brain(labels.copy(), [1.0] * 3)[fins].all()  # an opening would not
+    # with a scalp in the image that the labels leave out, the volume has a skull
+    skull_on = image + np.where(head_phantom()[0] == 2, 80.0, 0.0) * ~brain
+    assert not volumes.looks_stripped(skull_on, labels)

@@ -1,6 +1,7 @@
 """Whole-volume masks scored against a prepared head's labels, as POST /volume makes them.
 
     python tools/volume_quality.py [--volumes .cache/heads] [--family colin] [--planes axial ...]
+                                   [--stripped]
 
 Each prepared volume goes through volumes.segment in each plane, with and without the 3-D
 clean-up (volumes.keep_brain), and is scored in 3-D: Dice per class, `outside` (tissue
@@ -29,6 +30,7 @@ def main(argv=None):
     parser.add_argument("--volumes", default=".cache/heads", help="prepared volumes (*.npz)")
     parser.add_argument("--family", action="append", help="only these families")
     parser.add_argument("--planes", nargs="+", default=list(volumes.PLANES))
+    parser.add_argument("--stripped", action="store_true", help="the heads skull-stripped")
     args = parser.parse_args(argv)
     model = load_model.load(args.model_dir)
     print(f"model {model.model_id}, {model.runtime.name}, {model.passes} passes")
@@ -39,12 +41,14 @@ def main(argv=None):
             continue
         reference = head.labels()
         affine = np.diag([*head.spacing, 1.0])
-        scan = volumes.Volume(head.image, affine, "prepared", head.image.shape)
+        image = head.image * (reference > 0) if args.stripped else head.image
+        scan = volumes.Volume(image, affine, "prepared", image.shape)
         margin = max(1, round(2 / float(np.mean(head.spacing))))
         outside = ~ndimage.binary_dilation(reference > 0, iterations=margin)
         for plane in args.planes:
             raw, _, _ = segment_without_cleanup(model, scan, plane)
-            cleaned = volumes.keep_brain(raw.copy(), head.spacing)  # an RAS volume: any order
+            radius = 0.0 if volumes.looks_stripped(image, raw) else volumes.CORE_RADIUS_MM
+            cleaned = volumes.keep_brain(raw.copy(), head.spacing, radius)  # RAS: any order
             for name, labels in (("no", raw), ("yes", cleaned)):
                 scores = score(reference, labels, outside, head.spacing)
                 print(f"| {head.name} | {plane} | {name} | {scores} |")
@@ -52,7 +56,7 @@ def main(argv=None):
 
 def segment_without_cleanup(model, scan, plane):
     """volumes.segment with keep_brain switched off (it is applied here afterwards)."""
-    with mock.patch.object(volumes, "keep_brain", lambda labels, spacing: labels):
+    with mock.patch.object(volumes, "keep_brain", lambda labels, spacing, radius: labels):
         return volumes.segment(model, scan, plane)
 
 
