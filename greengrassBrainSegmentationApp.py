@@ -250,9 +250,9 @@ def create_app(settings=None, model=None, publisher=None):
     def volume():
         model = current_model()
         plane = request.args.get("plane") or None
-        if plane is not None and plane not in volumes.PLANES:
+        if plane is not None and plane not in (*volumes.PLANES, volumes.ALL):
             raise volumes.VolumeError(
-                f"unknown plane {plane!r}; use ?plane=axial, coronal or sagittal"
+                f"unknown plane {plane!r}; use ?plane=axial, coronal, sagittal or all"
             )
         kind = volume_format()
         after_this_request(trim_when_sent)  # a volume's arrays are all large
@@ -505,7 +505,8 @@ def segment_volume(model, parts, plane, kind, max_voxels, work=None):
     if kind in ("nifti", "viewer"):
         body = volumes.encode_labels(labels, volume, classes)
     if kind in ("png", "viewer"):
-        pictures = qc.VolumePictures(volume, labels, plane, model.meta["colours"], classes)
+        shown = volumes.acquisition_plane(volume) if plane == volumes.ALL else plane
+        pictures = qc.VolumePictures(volume, labels, shown, model.meta["colours"], classes)
         if kind == "png":
             body = pictures.mosaic()
         else:

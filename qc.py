@@ -101,6 +101,7 @@ class VolumePictures:
     """A segmented volume's slices along one plane, upright, for the mosaic and the page."""
 
     def __init__(self, volume, labels, plane, colours, classes):
+        self.plane = plane
         self.images = volumes.along(volume.data, volume.affine, plane)
         self.labels = volumes.along(labels.reshape(volume.data.shape), volume.affine, plane)
         self.colours, self.classes = colours, classes
@@ -160,6 +161,7 @@ class VolumePictures:
             images[r * height : (r + 1) * height, c * width : (c + 1) * width] = image
             labels[r * height : (r + 1) * height, c * width : (c + 1) * width] = mask
         return {
+            "plane": self.plane,
             "count": count,
             "columns": columns,
             "tile_width": width,

@@ -23,6 +23,15 @@ import processing
 log = logging.getLogger("segmentation.volumes")
 
 PLANES = {"sagittal": 0, "coronal": 1, "axial": 2}  # the normal's axis in RAS order
+ALL = "all"  # segment along every plane and take each voxel's majority (segment)
+# The plane whose label wins where all three differ, then the other two: coronal was the best
+# single plane, axial the worst, on every skull-on brain measured (README, "Brain volumes").
+VOTING_ORDER = ("coronal", "sagittal", "axial")
+# A volume is cut along all three planes when its voxels are this near cubic and it spans
+# a whole brain on every axis; else along its acquisition plane only (thick slices cut
+# across would be distorted, and a slab is too thin to frame along another plane).
+NEAR_ISOTROPIC = 1.5
+WHOLE_BRAIN_MM = 100
 MAX_VOXELS = 32_000_000  # the default of MAX_VOLUME_MEGAVOXELS
 MIN_SLICES = 1
 BATCH = 8  # frames per forward pass: bounds the scores held at once (8 x K x side x side)
@@ -433,14 +442,37 @@ def acquisition_plane(volume):
     return {v: k for k, v in PLANES.items()}[ras_axis]
 
 
+def default_plane(volume):
+    """ALL for a near-isotropic volume that spans a whole brain, else the acquisition plane."""
+    zooms = volume.zooms
+    extent = zooms * np.asarray(volume.data.shape[:3])
+    if zooms.max() <= NEAR_ISOTROPIC * zooms.min() and extent.min() >= WHOLE_BRAIN_MM:
+        return ALL
+    return acquisition_plane(volume)
+
+
 def segment(model, volume, plane=None, progress_every_s=PROGRESS_EVERY_S):
     """Volume -> ((X, Y, Z) uint8 labels in the upload's voxel order, plane, slice count).
 
-    The volume is turned to the nearest RAS axes, the slices along `plane` are framed,
-    predicted BATCH at a time and mapped back one by one, exactly as a PNG slice is; then
-    tissue outside the brain's 3-D pieces is dropped (keep_brain).
+    `plane` is axial, coronal, sagittal or ALL (default: default_plane). With ALL the volume
+    is segmented along each plane and every voxel takes the label two of them agree on
+    (where all three differ, the first of VOTING_ORDER's): on Colin27's 1 mm head grey
+    matter Dice 0.855 against 0.800-0.836 for one plane (README), for three times the work.
     """
-    plane = plane or acquisition_plane(volume)
+    plane = plane or default_plane(volume)
+    if plane != ALL:
+        return segment_along(model, volume, plane, progress_every_s)
+    results = [segment_along(model, volume, name, progress_every_s) for name in VOTING_ORDER]
+    (labels, _, first), (second, _, more), (third, _, most) = results
+    np.copyto(labels, second, where=second == third)
+    return labels, ALL, first + more + most
+
+
+def segment_along(model, volume, plane, progress_every_s=PROGRESS_EVERY_S):
+    """segment() along one plane. The volume is turned to the nearest RAS axes, the slices
+    along `plane` are framed, predicted BATCH at a time and mapped back one by one, exactly
+    as a PNG slice is; then tissue apart from the brain is dropped (keep_brain).
+    """
     slices = along(volume.data, volume.affine, plane)
     if min(slices.shape[1:]) < 2:
         raise VolumeError(

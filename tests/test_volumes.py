@@ -60,7 +60,8 @@ def test_json_volumes_agree_with_the_reference_brain(server_url, icbm_nifti):
     assert ml["grey_matter"] > ml["white_matter"] > ml["csf"] > 0
     assert sum(summary["fractions_of_brain"].values()) == pytest.approx(1, abs=1e-3)
     assert summary["voxel_ml"] == 0.008 and summary["voxel_mm"] == [2.0, 2.0, 2.0]
-    assert (summary["plane"], summary["slices"], summary["shape"]) == ("axial", 94, [98, 116, 94])
+    # a whole brain in 2 mm cubes: cut along all three planes, 98 + 116 + 94 slices
+    assert (summary["plane"], summary["slices"], summary["shape"]) == ("all", 308, [98, 116, 94])
     assert summary["source"] == "nifti" and summary["orientation"] == "RAS"
     assert summary["inference_ms"] > 0 and summary["model_id"]
 
@@ -95,6 +96,32 @@ def test_default_plane_is_the_coarsest_axis():
     assert volumes.acquisition_plane(volumes.Volume(np.zeros(shape), flipped, "n", shape)) == (
         "coronal"
     )
+
+
+def test_all_planes_is_each_voxels_majority(model, icbm_nifti):
+    image = nib.Nifti1Image.from_bytes(gzip.decompress(icbm_nifti))
+    data = np.asarray(image.dataobj)
+    volume = volumes.Volume(data, image.affine, "nifti", data.shape)
+    assert volumes.default_plane(volume) == "all"
+    labels, plane, count = volumes.segment(model, volume)
+    assert (plane, count) == ("all", 98 + 116 + 94)
+    coronal, sagittal, axial = (volumes.segment(model, volume, p)[0] for p in volumes.VOTING_ORDER)
+    assert not np.array_equal(coronal, axial) and not np.array_equal(coronal, sagittal)
+    assert np.array_equal(labels, np.where(sagittal == axial, sagittal, coronal))
+    # where two planes agree, their label; where none does, coronal's
+    two = (coronal == sagittal) | (coronal == axial)
+    assert (labels[two] == coronal[two]).all()
+
+
+def test_default_plane_is_all_only_for_a_whole_brain_in_near_cubic_voxels():
+    cases = [
+        ((1.0, 1.0, 1.2), (160, 200, 150), "all"),
+        ((0.9, 0.9, 3.0), (256, 256, 50), "axial"),  # thick slices: the acquisition plane
+        ((2.0, 2.0, 2.0), (98, 116, 12), "axial"),  # a 24 mm slab
+    ]
+    for zooms, shape, plane in cases:
+        volume = volumes.Volume(np.zeros(shape, np.uint8), np.diag([*zooms, 1]), "n", shape)
+        assert volumes.default_plane(volume) == plane
 
 
 def test_planes_and_4d_single_volume(server_url, icbm_slab):

@@ -4,7 +4,8 @@
                                    [--stripped]
 
 Each prepared volume goes through volumes.segment in each plane, with and without the 3-D
-clean-up (volumes.keep_brain), and is scored in 3-D: Dice per class, `outside` (tissue
+clean-up (volumes.keep_brain), and along all three (`all`, as served for a whole brain in
+near-cubic voxels), and is scored in 3-D: Dice per class, `outside` (tissue
 beyond the reference brain dilated by 2 mm) and `inside` (tissue within it), and brain mL.
 """
 
@@ -29,7 +30,7 @@ def main(argv=None):
     parser.add_argument("--model-dir", default=str(load_model.BUNDLED_PATH))
     parser.add_argument("--volumes", default=".cache/heads", help="prepared volumes (*.npz)")
     parser.add_argument("--family", action="append", help="only these families")
-    parser.add_argument("--planes", nargs="+", default=list(volumes.PLANES))
+    parser.add_argument("--planes", nargs="+", default=[*volumes.PLANES, volumes.ALL])
     parser.add_argument("--stripped", action="store_true", help="the heads skull-stripped")
     args = parser.parse_args(argv)
     model = load_model.load(args.model_dir)
@@ -46,6 +47,11 @@ def main(argv=None):
         margin = max(1, round(2 / float(np.mean(head.spacing))))
         outside = ~ndimage.binary_dilation(reference > 0, iterations=margin)
         for plane in args.planes:
+            if plane == volumes.ALL:  # as served: the three planes' majority, each cleaned
+                labels, _, _ = volumes.segment(model, scan, plane)
+                scores = score(reference, labels, outside, head.spacing)
+                print(f"| {head.name} | {plane} | yes | {scores} |")
+                continue
             raw, _, _ = segment_without_cleanup(model, scan, plane)
             radius = 0.0 if volumes.looks_stripped(image, raw) else volumes.CORE_RADIUS_MM
             cleaned = volumes.keep_brain(raw.copy(), head.spacing, radius)  # RAS: any order
