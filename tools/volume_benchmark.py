@@ -1,6 +1,7 @@
 """Time a whole 256x256x176 T1 volume through POST /volume, and the batched forward pass alone.
 
-    python tools/volume_benchmark.py [--repeats 3] [--batch 8] [--model-dir model/segmentation-net]
+    python tools/volume_benchmark.py [--repeats 3] [--batch 8] [--plane axial|...|all]
+                                     [--model-dir model/segmentation-net]
 
 The volume is the test ICBM 2009a template (tests/data) resampled to 256x256x176 at 1 mm with
 nearest neighbours, so every one of its axial slices holds head (none is skipped as blank).
@@ -37,6 +38,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=volumes.BATCH, help="frames per forward")
     parser.add_argument("--model-dir", default=str(load_model.BUNDLED_PATH))
+    parser.add_argument("--plane", help="?plane= for /volume (default: the server's)")
     args = parser.parse_args(argv)
     body = t1_volume()
     print(f"volume {'x'.join(map(str, SHAPE))} int16, .nii.gz {len(body) / 1e6:.1f} MB")
@@ -51,7 +53,8 @@ def main(argv=None):
         times, summary = [], {}
         for _ in range(args.repeats + 1):  # the first binds the batch executors
             started = time.perf_counter()
-            request = urllib.request.Request(url + "/volume?format=json", data=body, method="POST")
+            query = "?format=json" + (f"&plane={args.plane}" if args.plane else "")
+            request = urllib.request.Request(url + "/volume" + query, data=body, method="POST")
             with urllib.request.urlopen(request, timeout=600) as response:
                 summary = json.loads(response.read())
             times.append(time.perf_counter() - started)
@@ -59,7 +62,8 @@ def main(argv=None):
             f"POST /volume end to end, median of {args.repeats}: "
             f"{statistics.median(times[1:]):.1f} s (first {times[0]:.1f} s); "
             f"server: decode {summary['decode_ms'] / 1000:.2f} s, "
-            f"segment {summary['inference_ms'] / 1000:.1f} s, {summary['slices']} slices"
+            f"segment {summary['inference_ms'] / 1000:.1f} s, {summary['slices']} slices, "
+            f"plane {summary['plane']}"
         )
     finally:
         server.terminate()
