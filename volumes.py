@@ -557,29 +557,29 @@ def keep_brain(labels, spacing, radius_mm=CORE_RADIUS_MM, min_piece=MIN_PIECE):
 def erode(mask, steps):
     """`mask` eroded by a cross, steps[axis] voxels along each axis; beyond the volume is
     background. (Where a field of view cuts the brain, grow_within puts the cut back.)"""
-    mask = mask.copy()
-    for step in range(max(steps)):
-        before = mask.copy()
-        for axis, count in enumerate(steps):
-            if step < count:
-                ahead, behind = shifted(axis)
-                mask[ahead] &= before[behind]
-                mask[behind] &= before[ahead]
-                np.moveaxis(mask, axis, 0)[[0, -1]] = False
-    return mask
+    return by_cross(mask, steps, np.logical_and)
 
 
 def grow_within(mask, within, steps):
     """`mask` dilated by a cross, steps[axis] voxels along each axis, never beyond `within`."""
+    return by_cross(mask, steps, np.logical_or, within)
+
+
+def by_cross(mask, steps, combine, within=None):
+    """erode() (`combine` np.logical_and) or dilate (np.logical_or) `mask` one voxel a step
+    along each axis that has steps left, keeping it within `within` after each step."""
     mask = mask.copy()
     for step in range(max(steps)):
         before = mask.copy()
         for axis, count in enumerate(steps):
             if step < count:
                 ahead, behind = shifted(axis)
-                mask[ahead] |= before[behind]
-                mask[behind] |= before[ahead]
-        mask &= within
+                combine(mask[ahead], before[behind], out=mask[ahead])
+                combine(mask[behind], before[ahead], out=mask[behind])
+                if combine is np.logical_and:
+                    np.moveaxis(mask, axis, 0)[[0, -1]] = False
+        if within is not None:
+            mask &= within
     return mask
 
 
