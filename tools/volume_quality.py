@@ -1,7 +1,7 @@
 """Whole-volume masks scored against a prepared head's labels, as POST /volume makes them.
 
     python tools/volume_quality.py [--volumes .cache/heads] [--family colin] [--planes axial ...]
-                                   [--stripped]
+                                   [--stripped] [--thick 5]
 
 Each prepared volume goes through volumes.segment in each plane, with and without the 3-D
 clean-up (volumes.keep_brain), and along all three (`all`, as served for a whole brain in
@@ -15,7 +15,6 @@ from pathlib import Path
 from unittest import mock
 
 import numpy as np
-from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -32,6 +31,9 @@ def main(argv=None):
     parser.add_argument("--family", action="append", help="only these families")
     parser.add_argument("--planes", nargs="+", default=[*volumes.PLANES, volumes.ALL])
     parser.add_argument("--stripped", action="store_true", help="the heads skull-stripped")
+    parser.add_argument(
+        "--thick", type=int, default=1, help="average every N axial slices into one (thick slices)"
+    )
     args = parser.parse_args(argv)
     model = load_model.load(args.model_dir)
     print(f"model {model.model_id}, {model.runtime.name}, {model.passes} passes")
@@ -40,24 +42,35 @@ def main(argv=None):
     for head in load_templates(args.volumes):
         if args.family and head.family not in args.family:
             continue
-        reference = head.labels()
-        affine = np.diag([*head.spacing, 1.0])
-        image = head.image * (reference > 0) if args.stripped else head.image
-        scan = volumes.Volume(image, affine, "prepared", image.shape)
-        margin = max(1, round(2 / float(np.mean(head.spacing))))
-        outside = ~ndimage.binary_dilation(reference > 0, iterations=margin)
+        reference, image, spacing = head.labels(), head.image, head.spacing
+        if args.thick > 1:
+            reference, image, spacing = thick_slices(reference, image, spacing, args.thick)
+        if args.stripped:
+            image = image * (reference > 0)
+        scan = volumes.Volume(image, np.diag([*spacing, 1.0]), "prepared", image.shape)
+        margin = [round(2 / float(size)) for size in spacing]  # 2 mm, in voxels per axis
+        outside = ~volumes.by_cross(reference > 0, margin, np.logical_or)
         for plane in args.planes:
             if plane == volumes.ALL:  # as served: the three planes' majority, each cleaned
                 labels, _, _ = volumes.segment(model, scan, plane)
-                scores = score(reference, labels, outside, head.spacing)
+                scores = score(reference, labels, outside, spacing)
                 print(f"| {head.name} | {plane} | yes | {scores} |")
                 continue
             raw, _, _ = segment_without_cleanup(model, scan, plane)
             radius = 0.0 if volumes.looks_stripped(image, raw) else volumes.CORE_RADIUS_MM
-            cleaned = volumes.keep_brain(raw.copy(), head.spacing, radius)  # RAS: any order
+            cleaned = volumes.keep_brain(raw.copy(), spacing, radius)  # RAS: any order
             for name, labels in (("no", raw), ("yes", cleaned)):
-                scores = score(reference, labels, outside, head.spacing)
+                scores = score(reference, labels, outside, spacing)
                 print(f"| {head.name} | {plane} | {name} | {scores} |")
+
+
+def thick_slices(reference, image, spacing, count):
+    """(reference, image, spacing) with every `count` axial slices averaged into one, as a
+    scanner's thick slices; the reference keeps each block's middle slice."""
+    kept = image.shape[2] // count
+    blocks = image[:, :, : kept * count].reshape(*image.shape[:2], kept, count)
+    middle = reference[:, :, count // 2 :: count][:, :, :kept]
+    return middle, blocks.mean(3), np.asarray(spacing, float) * [1, 1, count]
 
 
 def segment_without_cleanup(model, scan, plane):
