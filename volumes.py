@@ -545,10 +545,11 @@ def keep_brain(labels, spacing, radius_mm=CORE_RADIUS_MM, min_piece=MIN_PIECE):
         return labels
     sizes = np.bincount(piece, weights=stops - starts)
     small = sizes[piece] < min_piece * sizes.max()
-    width = labels.shape[-1]
-    first, last = rows[small] * width + starts[small], rows[small] * width + stops[small]
-    edges = np.bincount(first, minlength=core.size + 1) - np.bincount(last, minlength=core.size + 1)
-    core.reshape(-1)[np.cumsum(edges[:-1]) > 0] = False
+    # the flat index of every voxel of the small pieces' runs (few, unlike the volume's voxels)
+    begins = rows[small] * labels.shape[-1] + starts[small]
+    lengths = stops[small] - starts[small]
+    offsets = np.repeat(begins - np.cumsum(lengths) + lengths, lengths)
+    core.reshape(-1)[offsets + np.arange(lengths.sum())] = False
     kept = grow_within(core, tissue, [step + 1 for step in steps])
     labels[tissue & ~kept] = 0
     return labels
