@@ -1,10 +1,11 @@
 """Time a whole 256x256x176 T1 volume through POST /volume, and the batched forward pass alone.
 
     python tools/volume_benchmark.py [--repeats 3] [--batch 8] [--plane axial|...|all]
-                                     [--model-dir model/segmentation-net]
+                                     [--shape 256 256 176] [--model-dir model/segmentation-net]
 
-The volume is the test ICBM 2009a template (tests/data) resampled to 256x256x176 at 1 mm with
-nearest neighbours, so every one of its axial slices holds head (none is skipped as blank).
+The volume is the test ICBM 2009a template (tests/data) resampled to 256x256x176 (or --shape)
+at 1 mm with nearest neighbours, so every one of its axial slices holds head (none is skipped
+as blank). The server's peak RSS is printed too.
 Starts the standalone server as a subprocess on a free port and talks HTTP, as a user would.
 """
 
@@ -27,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 import load_model  # noqa: E402
 import processing  # noqa: E402
 import volumes  # noqa: E402
-from tools.benchmark import free_port, wait_healthy  # noqa: E402
+from tools.benchmark import free_port, peak_rss_mb, wait_healthy  # noqa: E402
 
 SHAPE = (256, 256, 176)
 
@@ -39,9 +40,10 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=volumes.BATCH, help="frames per forward")
     parser.add_argument("--model-dir", default=str(load_model.BUNDLED_PATH))
     parser.add_argument("--plane", help="?plane= for /volume (default: the server's)")
+    parser.add_argument("--shape", type=int, nargs=3, default=SHAPE, help="voxels")
     args = parser.parse_args(argv)
-    body = t1_volume()
-    print(f"volume {'x'.join(map(str, SHAPE))} int16, .nii.gz {len(body) / 1e6:.1f} MB")
+    body = t1_volume(args.shape)
+    print(f"volume {'x'.join(map(str, args.shape))} int16, .nii.gz {len(body) / 1e6:.1f} MB")
     forward_pass(args)
     port = free_port()
     command = [sys.executable, str(ROOT / "greengrassBrainSegmentationApp.py")]
@@ -63,22 +65,22 @@ def main(argv=None):
             f"{statistics.median(times[1:]):.1f} s (first {times[0]:.1f} s); "
             f"server: decode {summary['decode_ms'] / 1000:.2f} s, "
             f"segment {summary['inference_ms'] / 1000:.1f} s, {summary['slices']} slices, "
-            f"plane {summary['plane']}"
+            f"plane {summary['plane']}; server peak RSS {peak_rss_mb(server.pid):.0f} MB"
         )
     finally:
         server.terminate()
         server.wait()
 
 
-def t1_volume():
-    """.nii.gz bytes of the test template resampled to SHAPE (1 mm, RAS), int16."""
+def t1_volume(shape=SHAPE):
+    """.nii.gz bytes of the test template resampled to `shape` (1 mm, RAS), int16."""
     source = nib.Nifti1Image.from_bytes(
         gzip.decompress((ROOT / "tests" / "data" / "icbm2009a_2mm.nii.gz").read_bytes())
     )
     data = np.asarray(source.dataobj)
     picks = [
         np.clip(np.round(np.linspace(0, n - 1, m)).astype(int), 0, n - 1)
-        for n, m in zip(data.shape, SHAPE)
+        for n, m in zip(data.shape, shape)
     ]
     volume = data[np.ix_(*picks)].astype(np.int16) * 4
     return gzip.compress(nib.Nifti1Image(volume, np.eye(4)).to_bytes(), compresslevel=1)
