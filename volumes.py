@@ -521,8 +521,9 @@ def looks_stripped(slices, labels):
     """Whether a volume is skull-stripped: its labels call at least STRIPPED_COVER of the
     voxels above its minimum tissue, as processing.fill_stripped tells a stripped slice."""
     above = slices > slices.min()
+    count = np.count_nonzero(above)
     tissue = np.count_nonzero(np.logical_and(above, labels > 0, out=above))
-    return tissue >= processing.STRIPPED_COVER * np.count_nonzero(slices > slices.min())
+    return tissue >= processing.STRIPPED_COVER * count
 
 
 def keep_brain(labels, spacing, radius_mm=CORE_RADIUS_MM, min_piece=MIN_PIECE):
