@@ -451,24 +451,25 @@ def default_plane(volume):
     return acquisition_plane(volume)
 
 
-def segment(model, volume, plane=None, progress_every_s=PROGRESS_EVERY_S):
+def segment(model, volume, plane=None, progress_every_s=PROGRESS_EVERY_S, clean=True):
     """Volume -> ((X, Y, Z) uint8 labels in the upload's voxel order, plane, slice count).
 
     `plane` is axial, coronal, sagittal or ALL (default: default_plane). With ALL the volume
     is segmented along each plane and every voxel takes the label two of them agree on
     (where all three differ, the first of VOTING_ORDER's): on Colin27's 1 mm head grey
     matter Dice 0.855 against 0.800-0.836 for one plane (README), for three times the work.
+    `clean` False skips the 3-D step (tools/volume_quality.py measures it).
     """
     plane = plane or default_plane(volume)
     if plane != ALL:
-        return segment_along(model, volume, plane, progress_every_s)
-    results = [segment_along(model, volume, name, progress_every_s) for name in VOTING_ORDER]
+        return segment_along(model, volume, plane, progress_every_s, clean)
+    results = [segment_along(model, volume, name, progress_every_s, clean) for name in VOTING_ORDER]
     (labels, _, first), (second, _, more), (third, _, most) = results
     np.copyto(labels, second, where=second == third)
     return labels, ALL, first + more + most
 
 
-def segment_along(model, volume, plane, progress_every_s=PROGRESS_EVERY_S):
+def segment_along(model, volume, plane, progress_every_s=PROGRESS_EVERY_S, clean=True):
     """segment() along one plane. The volume is turned to the nearest RAS axes, the slices
     along `plane` are framed, predicted BATCH at a time and mapped back one by one, exactly
     as a PNG slice is; then tissue apart from the brain is dropped (keep_brain).
@@ -509,12 +510,19 @@ def segment_along(model, volume, plane, progress_every_s=PROGRESS_EVERY_S):
             last_report = now
     if frames:
         flush()
-    radius = 0.0 if looks_stripped(slices, labels) else CORE_RADIUS_MM
-    labels = keep_brain(labels, slice_mm(volume, plane), radius)
+    if clean:
+        labels = clean_up(slices, labels, slice_mm(volume, plane))
     ornt = nib.orientations.io_orientation(volume.affine)
     back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)
     labels = nib.orientations.apply_orientation(np.moveaxis(labels, 0, PLANES[plane]), back)
     return np.ascontiguousarray(labels, np.uint8), plane, len(slices)
+
+
+def clean_up(image, labels, spacing):
+    """keep_brain() as served: labels of an `image` (voxels `spacing` mm) without the tissue
+    apart from the brain, eroding only when the volume has a skull (looks_stripped)."""
+    radius = 0.0 if looks_stripped(image, labels) else CORE_RADIUS_MM
+    return keep_brain(labels, spacing, radius)
 
 
 def looks_stripped(slices, labels):

@@ -12,7 +12,6 @@ beyond the reference brain dilated by 2 mm) and `inside` (tissue within it), and
 import argparse
 import sys
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 
@@ -56,9 +55,8 @@ def main(argv=None):
                 scores = score(reference, labels, outside, spacing)
                 print(f"| {head.name} | {plane} | yes | {scores} |")
                 continue
-            raw, _, _ = segment_without_cleanup(model, scan, plane)
-            radius = 0.0 if volumes.looks_stripped(image, raw) else volumes.CORE_RADIUS_MM
-            cleaned = volumes.keep_brain(raw.copy(), spacing, radius)  # RAS: any order
+            raw, _, _ = volumes.segment(model, scan, plane, clean=False)
+            cleaned = volumes.clean_up(image, raw.copy(), spacing)  # an RAS volume: any order
             for name, labels in (("no", raw), ("yes", cleaned)):
                 scores = score(reference, labels, outside, spacing)
                 print(f"| {head.name} | {plane} | {name} | {scores} |")
@@ -71,12 +69,6 @@ def thick_slices(reference, image, spacing, count):
     blocks = image[:, :, : kept * count].reshape(*image.shape[:2], kept, count)
     middle = reference[:, :, count // 2 :: count][:, :, :kept]
     return middle, blocks.mean(3), np.asarray(spacing, float) * [1, 1, count]
-
-
-def segment_without_cleanup(model, scan, plane):
-    """volumes.segment with keep_brain switched off (it is applied here afterwards)."""
-    with mock.patch.object(volumes, "keep_brain", lambda labels, spacing, radius: labels):
-        return volumes.segment(model, scan, plane)
 
 
 def score(reference, labels, outside, spacing):
