@@ -556,12 +556,13 @@ def frame_slice(slice_, side):
     extent = max(bottom - top, right - left) * (1 + 2 * HEAD_MARGIN)
     height, width = image.shape
     geometry = Geometry(height, width, (top + bottom) / 2, (left + right) / 2, extent, side, factor)
-    frame = resample_rows(image, geometry.source_coordinates(0), extent / side)
+    columns = geometry.source_coordinates(1)
+    first, stop = kernel_span(columns, extent / side, width)
+    # the first pass keeps only the columns the second reads: not a black canvas's
+    frame = resample_rows(image[:, first:stop], geometry.source_coordinates(0), extent / side)
     # rows are gathered fast, columns slowly: the second pass runs on the transpose
-    frame = resample_rows(
-        np.ascontiguousarray(frame.T), geometry.source_coordinates(1), extent / side
-    )
-    return np.ascontiguousarray(frame.T) / np.float32(scale), geometry
+    frame = resample_rows(np.ascontiguousarray(frame.T), columns - first, extent / side)
+    return np.divide(frame.T, np.float32(scale), out=np.empty((side, side), np.float32)), geometry
 
 
 def undo_upscaling(slice_):
@@ -581,6 +582,15 @@ def undo_upscaling(slice_):
                 break
             slice_, factor = slice_[::k, ::k], factor * k
     return slice_, factor
+
+
+def kernel_span(coordinates, step, length):
+    """(first, stop): the rows of a `length`-row image that resample_rows() reads for
+    `coordinates` with a nonzero weight."""
+    radius = max(step, 1.0)
+    first = int(np.floor(coordinates.min() - radius)) + 1
+    last = int(np.floor(coordinates.max() - radius)) + int(np.ceil(2 * radius))
+    return min(max(first, 0), length), min(max(last + 1, 0), length)
 
 
 def resample_rows(image, coordinates, step):
@@ -681,19 +691,23 @@ def mask_from_scores(scores, geometry, rows_per_strip=512):
     a frame row at a time when each spans several upload rows (large uploads), else a strip
     of rows at a time, which keeps either fast and small in memory.
     """
-    labels = first_argmax(scores)
-    corner = labels[:-1, :-1]
-    settled = (corner == labels[1:, :-1]) & (corner == labels[:-1, 1:]) & (corner == labels[1:, 1:])
-    y, x = frame_coordinates(geometry, 0), frame_coordinates(geometry, 1)
-    x_taps = taps(x, geometry.side)
-    if geometry.height >= 4 * geometry.side:
-        mask = blend_by_frame_row(scores, corner, settled, taps(y, geometry.side), x_taps)
-    else:
-        mask = blend_by_strip(scores, corner, settled, y, x_taps, rows_per_strip)
-    inside_y = (y > -0.5) & (y < geometry.side - 0.5)
-    inside_x = (x > -0.5) & (x < geometry.side - 0.5)
-    mask[~inside_y] = 0
-    mask[:, ~inside_x] = 0
+    mask = np.zeros((geometry.height, geometry.width), np.uint8)
+    # only the rows and columns the frame covers: a black canvas around the head costs nothing
+    top, bottom = frame_span(geometry, 0)
+    left, right = frame_span(geometry, 1)
+    if top < bottom and left < right:
+        labels = first_argmax(scores)
+        corner = labels[:-1, :-1]
+        settled = corner == labels[1:, :-1]
+        settled &= corner == labels[:-1, 1:]
+        settled &= corner == labels[1:, 1:]
+        y = frame_coordinates(geometry, 0)[top:bottom]
+        x_taps = taps(frame_coordinates(geometry, 1)[left:right], geometry.side)
+        if bottom - top >= 4 * geometry.side:
+            inside = blend_by_frame_row(scores, corner, settled, taps(y, geometry.side), x_taps)
+        else:
+            inside = blend_by_strip(scores, corner, settled, y, x_taps, rows_per_strip)
+        mask[top:bottom, left:right] = inside
     if geometry.factor > 1:
         mask = np.repeat(np.repeat(mask, geometry.factor, 0), geometry.factor, 1)
     return mask
@@ -764,6 +778,14 @@ def frame_coordinates(geometry, axis):
     centre = geometry.centre_y if axis == 0 else geometry.centre_x
     scale = geometry.side / geometry.extent
     return (np.arange(length) + 0.5 - (centre - geometry.extent / 2)) * scale - 0.5
+
+
+def frame_span(geometry, axis):
+    """(first, stop) upload rows (axis 0) or columns (1) whose centres lie inside the frame."""
+    inside = np.flatnonzero(
+        np.abs(frame_coordinates(geometry, axis) - (geometry.side - 1) / 2) < geometry.side / 2
+    )
+    return (int(inside[0]), int(inside[-1]) + 1) if len(inside) else (0, 0)
 
 
 def taps(coordinates, side):
