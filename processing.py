@@ -603,6 +603,8 @@ def resample_rows(image, coordinates, step):
     about as much as the pixels it has, not pixels x outputs.
     """
     length = len(image)
+    if not length:  # every tap beyond the image: all background
+        return np.zeros((len(coordinates), image.shape[1]), np.float32)
     radius = max(step, 1.0)
     first = np.floor(coordinates - radius).astype(np.int64) + 1
     # the kernel is non-zero on the open interval (c - radius, c + radius): at most

@@ -410,6 +410,20 @@ def test_resampling_reads_only_the_kernels_taps(step):
     assert np.allclose(processing.resample_rows(image, coordinates, step), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("step", [0.4, 1.0, 2.5, 7.3])
+@pytest.mark.parametrize("offset", [-30.0, 0.0, 17.6, 55.0])
+def test_the_kernels_span_is_all_resampling_reads(step, offset):
+    image = np.random.default_rng(6).random((60, 9)).astype(np.float32) + 1
+    coordinates = offset + np.arange(12) * step
+    first, stop = processing.kernel_span(coordinates, step, len(image))
+    whole = processing.resample_rows(image, coordinates, step)
+    part = processing.resample_rows(image[first:stop], coordinates - first, step)
+    assert np.array_equal(part, whole)
+    if 0 < first:  # the row before the span has no weight: changing it changes nothing
+        image[first - 1] = 99
+        assert np.array_equal(processing.resample_rows(image, coordinates, step), whole)
+
+
 def test_a_large_upload_is_framed_at_the_fixed_side():
     big = np.zeros((4096, 3000), np.uint16)
     big[500:3500, 400:2600] = 30000
