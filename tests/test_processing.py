@@ -445,3 +445,20 @@ def test_class_fractions_sum_to_one():
     mask = np.array([[0, 1], [2, 2]], np.uint8)
     fractions = processing.class_fractions(mask)
     assert fractions == {"background": 0.25, "csf": 0.25, "grey_matter": 0.5, "white_matter": 0.0}
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_two_passes_pair_each_of_several_frames_with_its_own_flip(channels):
+    frames = np.random.default_rng(7).random((3, 8, 8)).astype(np.float32)
+
+    def predict(batch):  # two "classes": the frame, and twice it plus its place in the batch
+        assert batch.shape == (6, channels, 8, 8) and batch.flags.c_contiguous
+        assert all(np.array_equal(batch[:, c], batch[:, 0]) for c in range(channels))
+        place = np.arange(len(batch), dtype=np.float32)[:, None, None]
+        return np.stack([batch[:, 0], 2 * batch[:, 0] + place], axis=1)
+
+    scores = processing.predict_frames(predict, frames, channels, 2)
+    assert scores.shape == (3, 2, 8, 8)
+    assert np.allclose(scores[:, 0], frames)  # each frame's flip was flipped back onto it
+    place = np.arange(3, dtype=np.float32)[:, None, None]
+    assert np.allclose(scores[:, 1], 2 * frames + place + 1.5)  # frame i with batch entry i + 3
