@@ -584,13 +584,20 @@ def undo_upscaling(slice_):
     return slice_, factor
 
 
+def kernel_taps(coordinates, step):
+    """(radius, source): the triangle kernel's radius for sampling `step`, and the (outputs,
+    taps) rows it may weigh for each coordinate. The kernel is non-zero on the open interval
+    (c - radius, c + radius): at most ceil(2 radius) whole rows, from floor(c - radius) + 1."""
+    radius = max(step, 1.0)
+    first = np.floor(coordinates - radius).astype(np.int64) + 1
+    return radius, first[:, None] + np.arange(int(np.ceil(2 * radius)))[None]
+
+
 def kernel_span(coordinates, step, length):
     """(first, stop): the rows of a `length`-row image that resample_rows() reads for
     `coordinates` with a nonzero weight."""
-    radius = max(step, 1.0)
-    first = int(np.floor(coordinates.min() - radius)) + 1
-    last = int(np.floor(coordinates.max() - radius)) + int(np.ceil(2 * radius))
-    return min(max(first, 0), length), min(max(last + 1, 0), length)
+    source = kernel_taps(coordinates, step)[1]
+    return min(max(int(source.min()), 0), length), min(max(int(source.max()) + 1, 0), length)
 
 
 def resample_rows(image, coordinates, step):
@@ -605,11 +612,7 @@ def resample_rows(image, coordinates, step):
     length = len(image)
     if not length:  # every tap beyond the image: all background
         return np.zeros((len(coordinates), image.shape[1]), np.float32)
-    radius = max(step, 1.0)
-    first = np.floor(coordinates - radius).astype(np.int64) + 1
-    # the kernel is non-zero on the open interval (c - radius, c + radius): at most
-    # ceil(2 radius) whole pixels, starting at `first`
-    source = first[:, None] + np.arange(int(np.ceil(2 * radius)))[None]  # (outputs, taps)
+    radius, source = kernel_taps(coordinates, step)
     kernel = np.clip(1 - np.abs(source - coordinates[:, None]) / radius, 0, None)
     kernel = (kernel / kernel.sum(1, keepdims=True)).astype(np.float32)
     kernel[(source < 0) | (source >= length)] = 0
