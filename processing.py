@@ -698,16 +698,17 @@ def mask_from_scores(scores, geometry, rows_per_strip=512):
     """
     mask = np.zeros((geometry.height, geometry.width), np.uint8)
     # only the rows and columns the frame covers: a black canvas around the head costs nothing
-    top, bottom = frame_span(geometry, 0)
-    left, right = frame_span(geometry, 1)
+    y, x = frame_coordinates(geometry, 0), frame_coordinates(geometry, 1)
+    top, bottom = frame_span(y, geometry.side)
+    left, right = frame_span(x, geometry.side)
     if top < bottom and left < right:
         labels = first_argmax(scores)
         corner = labels[:-1, :-1]
         settled = corner == labels[1:, :-1]
         settled &= corner == labels[:-1, 1:]
         settled &= corner == labels[1:, 1:]
-        y = frame_coordinates(geometry, 0)[top:bottom]
-        x_taps = taps(frame_coordinates(geometry, 1)[left:right], geometry.side)
+        y = y[top:bottom]
+        x_taps = taps(x[left:right], geometry.side)
         if bottom - top >= 4 * geometry.side:
             inside = blend_by_frame_row(scores, corner, settled, taps(y, geometry.side), x_taps)
         else:
@@ -785,11 +786,10 @@ def frame_coordinates(geometry, axis):
     return (np.arange(length) + 0.5 - (centre - geometry.extent / 2)) * scale - 0.5
 
 
-def frame_span(geometry, axis):
-    """(first, stop) upload rows (axis 0) or columns (1) whose centres lie inside the frame."""
-    inside = np.flatnonzero(
-        np.abs(frame_coordinates(geometry, axis) - (geometry.side - 1) / 2) < geometry.side / 2
-    )
+def frame_span(coordinates, side):
+    """(first, stop) of the upload rows or columns, at frame `coordinates`
+    (frame_coordinates()), whose centres lie inside the frame."""
+    inside = np.flatnonzero(np.abs(coordinates - (side - 1) / 2) < side / 2)
     return (int(inside[0]), int(inside[-1]) + 1) if len(inside) else (0, 0)
 
 
