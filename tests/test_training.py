@@ -174,3 +174,25 @@ def test_soft_dice_loss_is_zero_for_a_perfect_prediction():
     assert train.segmentation_loss(perfect, targets, weights, 0).asscalar() < 1e-3
     uniform = mx.nd.ones_like(perfect) / 4
     assert train.segmentation_loss(uniform, targets, weights, 1).asscalar() > 1
+
+
+def test_margin_penalty_counts_tissue_beyond_the_brain_only():
+    targets = np.zeros((1, 16, 16))
+    targets[0, 6:10, 6:10] = 2  # a 4x4 brain
+    targets = mx.nd.array(targets)
+    weights = mx.nd.array([0.5, 1, 1, 1])
+
+    def loss(tissue_at):
+        probabilities = mx.nd.one_hot(targets, 4).transpose((0, 3, 1, 2)).asnumpy()
+        for row, column in tissue_at:
+            probabilities[0, :, row, column] = [0, 0, 1, 0]
+        probabilities = mx.nd.array(probabilities)
+        dice_only = train.segmentation_loss(probabilities, targets, weights, 0)
+        with_margin = train.segmentation_loss(probabilities, targets, weights, 0, 2.0)
+        return (with_margin - dice_only).asscalar()
+
+    assert loss([]) == 0
+    within = [(6 - train.MARGIN_PIXELS, 8), (9 + train.MARGIN_PIXELS, 8)]
+    assert loss(within) == 0  # the margin next to the brain is left to the Dice term
+    beyond = [(0, 0), (15, 15), (9 + train.MARGIN_PIXELS + 1, 8)]
+    assert abs(loss(beyond) - 2.0 * 3 / (16 + 1)) < 1e-6

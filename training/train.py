@@ -32,6 +32,10 @@ from training.enet import ENet
 from training.evaluate import brain_outline, dice_scores, predict_slices, validation_slices
 from training.synth import SliceSampler
 
+# --margin-weight leaves this many frame pixels around the brain alone: about the 2 mm of
+# evaluate's `outside` score, a head filling the 256-pixel frame at 0.7-0.8 mm per pixel
+MARGIN_PIXELS = 3
+
 
 def main(argv=None):
     """Parse flags (SageMaker passes hyperparameters as flags), then train."""
@@ -86,6 +90,13 @@ def parse_args(argv=None):
         help="weight of cross-entropy added to the soft-Dice loss (0: none; 0.5 in the "
         "bundled recipe cost held-out Colin27 0.04-0.07 of grey-matter Dice, "
         "docs/lobo/colin.md)",
+    )
+    parser.add_argument(
+        "--margin-weight",
+        type=float,
+        default=0.0,
+        help="weight of a penalty on tissue probability beyond the brain dilated by "
+        f"{MARGIN_PIXELS} frame pixels, over the batch's brain pixels (0: none)",
     )
     parser.add_argument(
         "--real-fraction",
@@ -173,7 +184,9 @@ def train(args):
             images, targets = sampler.batch(args.batch_size)
             images, targets = mx.nd.array(images), mx.nd.array(targets)
             with autograd.record():
-                loss = segmentation_loss(net(images), targets, weights, args.ce_weight)
+                loss = segmentation_loss(
+                    net(images), targets, weights, args.ce_weight, args.margin_weight
+                )
             loss.backward()
             trainer.step(1)
             losses.append(float(loss.asscalar()))
@@ -243,8 +256,15 @@ def load_volumes(args):
     return kept, [v for v in volumes if v.family == args.hold_out]
 
 
-def segmentation_loss(probabilities, targets, weights, ce_weight):
-    """Class-weighted soft Dice (1 - weighted mean Dice) plus optional cross-entropy."""
+def segmentation_loss(probabilities, targets, weights, ce_weight, margin_weight=0.0):
+    """Class-weighted soft Dice (1 - weighted mean Dice), plus optional cross-entropy and an
+    optional penalty on tissue beyond the brain.
+
+    The penalty is the tissue probability summed over pixels more than `MARGIN_PIXELS` from
+    the target's brain, divided by the batch's brain pixels: scalp, skull, eyes and neck
+    called tissue, as a share of the brain. Unlike cross-entropy it leaves the brain's own
+    edge and the classes within it to the Dice term.
+    """
     one_hot = mx.nd.one_hot(targets, probabilities.shape[1]).transpose((0, 3, 1, 2))
     overlap = (probabilities * one_hot).sum(axis=(0, 2, 3))
     sizes = probabilities.sum(axis=(0, 2, 3)) + one_hot.sum(axis=(0, 2, 3))
@@ -253,6 +273,16 @@ def segmentation_loss(probabilities, targets, weights, ce_weight):
     if ce_weight:
         picked = (probabilities * one_hot).sum(axis=1)
         loss = loss - ce_weight * mx.nd.log(picked + 1e-6).mean()
+    if margin_weight:
+        brain = (targets > 0).expand_dims(1)
+        reach = 2 * MARGIN_PIXELS + 1
+        near = mx.nd.Pooling(
+            brain, kernel=(reach, reach), pool_type="max", stride=(1, 1),
+            pad=(MARGIN_PIXELS, MARGIN_PIXELS),
+        )  # fmt: skip
+        tissue = 1 - probabilities.slice_axis(axis=1, begin=0, end=1)
+        beyond = (tissue * (1 - near)).sum()
+        loss = loss + margin_weight * beyond / (brain.sum() + 1)
     return loss
 
 
@@ -350,6 +380,7 @@ def export(net, model_dir, args, scores, state):
             "size": args.size,
             "lr": args.lr,
             "ce_weight": args.ce_weight,
+            "margin_weight": args.margin_weight,
             "pixel_mm": args.pixel_mm,
             "real_fraction": args.real_fraction,
             "beyond_brain": args.beyond_brain,
