@@ -7,11 +7,13 @@ exported (PReLU, softmax), MXNet rewritten (LeakyReLU, no softmax), ONNX Runtime
 (the last two run the same model.onnx; a runtime not installed here is left out); then the
 standalone server (started as a user would, on a free port, two passes unless --passes 1:
 batch 2 is what it runs per slice): start to healthy, end to
-end over HTTP, the forward pass inside it and what HTTP adds, peak RSS. Each runtime is
+end over HTTP, the forward pass inside it and what HTTP adds (a new connection per request,
+and one kept-alive connection), peak RSS. Each runtime is
 timed in its own process, so that one's threads never compete with another's.
 """
 
 import argparse
+import http.client
 import io
 import json
 import os
@@ -58,8 +60,8 @@ def main(argv=None):
     print(f"{cpu_name()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
     results = {key: time_in_child(key, args) for key, _ in ROWS}
     print_table(results)
-    http = http_figures(args.model_dir, args.requests, args.passes)
-    print_http(http, results[http["runtime"]])
+    served = http_figures(args.model_dir, args.requests, args.passes)
+    print_http(served, results[served["runtime"]])
 
 
 def time_in_child(key, args):
@@ -132,7 +134,7 @@ def http_figures(model_dir, requests, passes=2):
         with urllib.request.urlopen(url + "/health") as response:
             health = json.loads(response.read())
         end_to_end, inference, forward = [], [], []
-        for _ in range(requests + 2):
+        for _ in range(requests + 2):  # a new connection for each request, as curl makes
             started = time.perf_counter()
             request = urllib.request.Request(
                 url + "/", data=body, method="POST", headers={"Content-Type": "image/png"}
@@ -142,6 +144,16 @@ def http_figures(model_dir, requests, passes=2):
                 inference.append(float(response.headers["X-Inference-Ms"]))
                 forward.append(float(response.headers["X-Forward-Ms"]))
             end_to_end.append((time.perf_counter() - started) * 1000)
+        kept_added = []  # one connection kept open, as the page, a browser or a session make
+        connection = http.client.HTTPConnection("127.0.0.1", port)
+        for _ in range(requests + 2):
+            started = time.perf_counter()
+            connection.request("POST", "/", body=body, headers={"Content-Type": "image/png"})
+            response = connection.getresponse()
+            response.read()
+            seconds = time.perf_counter() - started
+            kept_added.append(seconds * 1000 - float(response.headers["X-Forward-Ms"]))
+        connection.close()
         rss = peak_rss_mb(server.pid)
     finally:
         server.terminate()
@@ -153,33 +165,38 @@ def http_figures(model_dir, requests, passes=2):
         "end_to_end": end_to_end[2:],
         "inference": inference[2:],
         "forward": forward[2:],
+        "kept_added": kept_added[2:],
         "rss_mb": rss,
     }
 
 
-def print_http(http, runtime_times):
+def print_http(served, runtime_times):
     """The server's figures; what HTTP adds is measured on each request (end to end minus
     that request's forward pass, `X-Forward-Ms`), and also against the bare forward pass of
     the batch the server runs (one frame, or it and its upside-down copy)."""
-    passes = http["passes"]
+    passes = served["passes"]
     bare = statistics.median(runtime_times[passes]) * passes
-    end_to_end = statistics.median(http["end_to_end"])
-    added = [e - f for e, f in zip(http["end_to_end"], http["forward"])]
+    end_to_end = statistics.median(served["end_to_end"])
+    added = [e - f for e, f in zip(served["end_to_end"], served["forward"])]
     print()
-    count = len(http["end_to_end"])
-    print(f"server ({http['runtime']}, {passes} passes), {count} requests of a 256x256 PNG:")
-    print(f"  start to healthy                 {http['healthy_s']:.2f} s")
+    count = len(served["end_to_end"])
+    print(f"server ({served['runtime']}, {passes} passes), {count} requests of a 256x256 PNG:")
+    print(f"  start to healthy                 {served['healthy_s']:.2f} s")
     print(
         f"  end to end over HTTP, median/p90 {end_to_end:.1f} / "
-        f"{np.percentile(http['end_to_end'], 90):.1f} ms"
+        f"{np.percentile(served['end_to_end'], 90):.1f} ms"
     )
-    print(f"  X-Inference-Ms (segment), median {statistics.median(http['inference']):.1f} ms")
-    print(f"  X-Forward-Ms (network), median   {statistics.median(http['forward']):.1f} ms")
+    print(f"  X-Inference-Ms (segment), median {statistics.median(served['inference']):.1f} ms")
+    print(f"  X-Forward-Ms (network), median   {statistics.median(served['forward']):.1f} ms")
     print(f"  HTTP, decode, frame, mask, encode add {statistics.median(added):.1f} ms")
+    print(
+        f"    (the same over one kept-alive connection: "
+        f"{statistics.median(served['kept_added']):.1f} ms)"
+    )
     print(
         f"    (end to end minus the bare forward pass, batch {passes}: {end_to_end - bare:.1f} ms)"
     )
-    print(f"  server peak RSS                  {http['rss_mb']} MB")
+    print(f"  server peak RSS                  {served['rss_mb']} MB")
 
 
 def framed_slice():
