@@ -6,10 +6,10 @@ Prints a table: ms per 256x256 slice (median and p90) at batch 1, 2 and 8 for MX
 exported (PReLU, softmax), MXNet rewritten (LeakyReLU, no softmax), ONNX Runtime and OpenVINO
 (the last two run the same model.onnx; a runtime not installed here is left out); then the
 standalone server (started as a user would, on a free port, two passes unless --passes 1:
-batch 2 is what it runs per slice): start to healthy, end to
-end over HTTP, the forward pass inside it and what HTTP adds (a new connection per request,
-and one kept-alive connection), peak RSS. Each runtime is
-timed in its own process, so that one's threads never compete with another's.
+batch 2 is what it runs per slice): start to healthy, end to end over HTTP, the forward pass
+inside it and what HTTP adds (a new connection per request, and one kept-alive connection),
+peak RSS. Each runtime is timed in its own process, so that one's threads never compete with
+another's.
 """
 
 import argparse
