@@ -167,6 +167,18 @@ def test_holding_out_a_family_that_is_not_there_is_a_one_line_error(toy_volumes,
     assert not (tmp_path / "state.json").exists()
 
 
+def test_added_volumes_join_the_templates_and_can_be_held_out(toy_volumes, tmp_path):
+    """`--add-volumes` folders add their volumes to --data-dir's; their family is a brain
+    like any other, to train on or to hold out."""
+    sphere_volume(tmp_path / "scan.npz", size=32, family="real")
+    args = train.parse_args(["--data-dir", str(toy_volumes), "--add-volumes", str(tmp_path)])
+    args.hold_out = "real"
+    kept, held = train.load_volumes(args)
+    assert [v.family for v in kept] == ["toy"] and [v.name for v in held] == ["scan"]
+    args.hold_out = "none"
+    assert sorted(v.family for v in train.load_volumes(args)[0]) == ["real", "toy"]
+
+
 def test_soft_dice_loss_is_zero_for_a_perfect_prediction():
     targets = mx.nd.array(np.random.default_rng(0).integers(0, 4, (2, 8, 8)))
     perfect = mx.nd.one_hot(targets, 4).transpose((0, 3, 1, 2))

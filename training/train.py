@@ -54,6 +54,11 @@ def parse_args(argv=None):
         help="auto: OASIS-1 if --data-dir holds it, else prepared templates",
     )
     parser.add_argument("--data-dir", default=env.get("SM_CHANNEL_TRAIN", ".cache/volumes"))
+    parser.add_argument(
+        "--add-volumes", action="append", default=[], metavar="DIR",
+        help="more prepared volumes beside --data-dir's templates (repeatable), e.g. .cache/real "
+        "(python -m training.sources --real: two real 1 mm skull-on scans of one head)",
+    )  # fmt: skip
     parser.add_argument("--model-dir", default=env.get("SM_MODEL_DIR"))
     parser.add_argument(
         "--run-dir",
@@ -245,6 +250,8 @@ def load_volumes(args):
         train_pairs, val_pairs = data.split_patients(pairs)
         return data.load_oasis(train_pairs), data.load_oasis(val_pairs)
     volumes = data.load_templates(args.data_dir)
+    for folder in args.add_volumes:
+        volumes += data.load_templates(folder)
     if args.hold_out == "none":
         return volumes, volumes
     families = sorted({v.family for v in volumes})
@@ -373,6 +380,7 @@ def export(net, model_dir, args, scores, state):
             "volumes": args.volumes,
             "source": args.source,
             "data_dir": str(args.data_dir),
+            "add_volumes": args.add_volumes,
             "hold_out": args.hold_out,
             "epoch": epoch,
             "selected": args.export,
