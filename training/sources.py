@@ -4,8 +4,11 @@
 extracts the few NIfTI files we use and writes one `.npz` per volume under `<cache>/volumes/`.
 With `--heads` it also writes `<cache>/heads/colin1mm.npz`: the same Colin27 head at 1 mm,
 skull on (`ch2.nii.gz` from Debian's `mricron-data`, fetched with `apt-get download`), for
-evaluation only (`training.evaluate --volumes .cache/heads --family colin`): the nearest thing
-to a clinical 1 mm T1 that installs here.
+evaluation only (`training.evaluate --volumes .cache/heads --family colin`). With `--real` it
+writes `<cache>/real/brainbrowser{1,2}.npz`: two 1 mm MPRAGE-like scans of one real head, face
+and neck included, from the examples of npm's `brainbrowser` package (fetched from the npm
+registry), labelled like Colin27 once the TPM is registered onto them; train with them through
+`training.train --add-volumes .cache/real`.
 
 Generation classes (the label maps synthetic images are drawn from):
 0 air, 1 CSF, 2 grey matter, 3 white matter, 4 bone, 5 soft tissue, 6 other non-brain.
