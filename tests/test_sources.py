@@ -1,5 +1,6 @@
 """Labelling heads by EM with template priors (how every training brain gets its labels)."""
 
+import hashlib
 import io
 import json
 import tarfile
@@ -7,7 +8,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from training import register
+from training import register, sources
 from training.sources import (
     TARGET_OF,
     bias_corrected,
@@ -184,3 +185,24 @@ def test_a_brainbrowser_export_reads_in_world_order():
         ]
         voxel = np.linalg.solve(affine, [*world, 1])[:3].round().astype(int)
         assert volume[tuple(voxel)] == stored[i, k, j]
+
+
+def test_an_npm_tarball_is_fetched_once_and_checked(tmp_path, monkeypatch):
+    """The tarball comes from the registry (here a folder behind a file:// URL), is kept, and a
+    wrong checksum or a missing package is a one-line error, not a traceback."""
+    registry = tmp_path / "registry"
+    (registry / "pkg" / "-").mkdir(parents=True)
+    body = b"a tarball's bytes"
+    (registry / "pkg" / "-" / "pkg-1.0.0.tgz").write_bytes(body)
+    monkeypatch.setattr(sources, "NPM_REGISTRY", registry.as_uri())
+    sha1 = hashlib.sha1(body).hexdigest()
+    path = sources.npm_tarball("pkg", "1.0.0", sha1, tmp_path / "cache")
+    assert path.read_bytes() == body
+    (registry / "pkg" / "-" / "pkg-1.0.0.tgz").unlink()
+    assert sources.npm_tarball("pkg", "1.0.0", sha1, tmp_path / "cache") == path  # kept
+    with pytest.raises(SystemExit, match=r"^error: could not fetch .*pkg-1\.0\.0\.tgz"):
+        sources.npm_tarball("pkg", "1.0.0", sha1, tmp_path / "other")
+    (registry / "pkg" / "-" / "pkg-1.0.0.tgz").write_bytes(b"something else")
+    with pytest.raises(SystemExit, match=f"^error: .* has sha1 [0-9a-f]{{40}}, not {sha1}$"):
+        sources.npm_tarball("pkg", "1.0.0", sha1, tmp_path / "other")
+    assert not (tmp_path / "other").exists()

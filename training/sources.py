@@ -180,10 +180,13 @@ def npm_tarball(name, version, sha1, folder):
     path = folder / f"{name}-{version}.tgz"
     if not path.exists():
         url = f"{NPM_REGISTRY}/{name}/-/{name}-{version}.tgz"
-        with urllib.request.urlopen(url, timeout=300) as response:
-            data = response.read()
+        try:
+            with urllib.request.urlopen(url, timeout=300) as response:
+                data = response.read()
+        except OSError as error:
+            raise SystemExit(f"error: could not fetch {url}: {error}") from None
         if hashlib.sha1(data).hexdigest() != sha1:
-            raise ValueError(f"{url}: sha1 {hashlib.sha1(data).hexdigest()}, expected {sha1}")
+            raise SystemExit(f"error: {url} has sha1 {hashlib.sha1(data).hexdigest()}, not {sha1}")
         folder.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
     return path
@@ -322,8 +325,9 @@ def classify(image, head, iterations=25):
     """Tissue probabilities of a real skull-on T1 head by EM with TPM priors (SPM-style).
 
     One Gaussian per TPM class (GM, WM, CSF, bone, soft tissue, air); a voxel's posterior is
-    its prior times the class likelihood. The image must already lie in the TPM's space, as
-    SPM's `single_subj_T1` does. Returns the (7, ...) generation classes.
+    its prior times the class likelihood. `head` must lie on the image's grid: the TPM itself
+    for an image in its space, as SPM's `single_subj_T1` is, or the TPM carried onto a scan
+    (`tpm_on`). Returns the (7, ...) generation classes.
     """
     posterior, _ = mixture(image, head, iterations)
     classes = with_head(posterior[2], posterior[0], posterior[1], posterior)
