@@ -362,12 +362,14 @@ def bias_corrected(image, head, rounds=5, sigma=25.0):
     its coil leaves the neck brighter than the vertex, which templates and averages are not.
     """
     log_image = np.log(np.maximum(image, 1e-3 * image.max()))
+    brain = head[:3].sum(0) > 0.3
     bias = np.zeros_like(image)
     for _ in range(rounds):
-        posterior, mean = mixture(image / np.exp(bias), head, 12)
+        corrected = image / np.exp(bias)
+        posterior, mean = mixture(corrected, head, 12)
         tissue = posterior[0] + posterior[1]
-        weight = tissue * (head[:3].sum(0) > 0.3)
-        scale = np.log(np.percentile(image / np.exp(bias), 99))
+        weight = tissue * brain
+        scale = np.log(np.percentile(corrected, 99))
         expected = (posterior[0] * np.log(mean[0]) + posterior[1] * np.log(mean[1])) / (
             tissue + 1e-6
         )
