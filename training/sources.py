@@ -5,10 +5,7 @@ extracts the few NIfTI files we use and writes one `.npz` per volume under `<cac
 With `--heads` it also writes `<cache>/heads/colin1mm.npz`: the same Colin27 head at 1 mm,
 skull on (`ch2.nii.gz` from Debian's `mricron-data`, fetched with `apt-get download`), for
 evaluation only (`training.evaluate --volumes .cache/heads --family colin`). With `--real` it
-writes `<cache>/real/brainbrowser{1,2}.npz`: two 1 mm MPRAGE-like scans of one real head, face
-and neck included, from the examples of npm's `brainbrowser` package (fetched from the npm
-registry), labelled like Colin27 once the TPM is registered onto them; train with them through
-`training.train --add-volumes .cache/real`.
+also writes the real skull-on heads of `training.real` into `<cache>/real/`.
 
 Generation classes (the label maps synthetic images are drawn from):
 0 air, 1 CSF, 2 grey matter, 3 white matter, 4 bone, 5 soft tissue, 6 other non-brain.
@@ -23,14 +20,11 @@ maps and is classified either way.
 
 import argparse
 import gzip
-import hashlib
 import io
-import json
 import subprocess
 import sys
 import tarfile
 import tempfile
-import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -38,19 +32,10 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from training import register
-
 WHEELS = {"nilearn": "nilearn==0.14.1", "spm": "spm-runtime==25.1.2.post4"}
 NILEARN_T1 = "nilearn/datasets/data/mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
 SPM_ROOT = "fsroot/_spm/cleaned/spm/"
 MRICRON_CH2 = "./usr/share/mricron/templates/ch2.nii.gz"  # in Debian's mricron-data
-# npm's brainbrowser (MCIN's web viewer) ships two 1 mm T1 scans of a real head in its examples
-BRAINBROWSER = ("brainbrowser", "2.3.0", "09a8e361956e997594d19e102b142ca5857e0937")
-BRAINBROWSER_SCANS = {
-    "brainbrowser1": "package/examples/models/structural1.mnc",
-    "brainbrowser2": "package/examples/models/structural2.mnc",
-}
-NPM_REGISTRY = "https://registry.npmjs.org"
 GENERATION_CLASSES = ["air", "csf", "grey", "white", "bone", "soft", "other"]
 LABELLINGS = ("em", "maps")
 TARGET_OF = np.array([0, 1, 2, 3, 0, 0, 0], dtype=np.uint8)
@@ -70,7 +55,7 @@ def main(argv=None):
     )  # fmt: skip
     parser.add_argument(
         "--real", action="store_true",
-        help="also two real 1 mm skull-on scans (npm's brainbrowser) into <cache>/real",
+        help="also the real skull-on heads of npm and PyPI packages into <cache>/real",
     )  # fmt: skip
     args = parser.parse_args(argv)
     for path in prepare(Path(args.cache), args.labels):
@@ -78,7 +63,9 @@ def main(argv=None):
     if args.heads:
         print(prepare_heads(Path(args.cache)))
     if args.real:
-        for path in prepare_real(Path(args.cache)):
+        from training import real  # it builds on this module
+
+        for path in real.prepare_real(Path(args.cache)):
             print(path)
 
 
@@ -133,85 +120,6 @@ def prepare_heads(cache):
     head = resample(tpm, tpm_affine, image.shape, affine)
     save(path, "colin", image, classify(image, head), affine)
     return path
-
-
-def prepare_real(cache):
-    """The two real 1 mm skull-on T1 scans of npm's `brainbrowser`, labelled like Colin27, into
-    `<cache>/real/brainbrowser{1,2}.npz` (family `brainbrowser`); returns their paths.
-
-    They are not in MNI space, so SPM's TPM is first carried onto each by an affine
-    registration of `avg152T1` (`training.register`), with no brain beyond the TPM's box (the
-    scans reach the neck), and the scan's bias field is removed before EM
-    (`bias_corrected`). The saved image keeps its bias: a real scan has one.
-    """
-    out = cache / "real"
-    paths = [out / f"{name}.npz" for name in BRAINBROWSER_SCANS]
-    if all(path.exists() for path in paths):
-        return paths
-    out.mkdir(parents=True, exist_ok=True)
-    spm = spm_volumes(cache, {"avg152": "canonical/avg152T1.nii", "tpm": "tpm/TPM.nii"})
-    with tarfile.open(npm_tarball(*BRAINBROWSER, cache / "npm")) as tar:
-        for path, stem in zip(paths, BRAINBROWSER_SCANS.values()):
-            header = gzip.decompress(tar.extractfile(stem + ".header.gz").read())
-            raw = gzip.decompress(tar.extractfile(stem + ".raw.gz").read())
-            image, affine = read_minc_export(header, raw)
-            head = tpm_on(image, affine, spm["tpm"], spm["avg152"])
-            probs = classify(bias_corrected(image, head), head)
-            save(path, "brainbrowser", image, probs, affine)
-    return paths
-
-
-def tpm_on(image, affine, tpm, template):
-    """SPM's TPM (6, ...) on a scan's grid, through the affine that registers `template`
-    (an (array, affine) pair in the TPM's space) onto it. Beyond the TPM's box the brain
-    classes are 0 and the rest keep the box's border, rescaled to sum to 1."""
-    to_template = np.linalg.inv(register.register(image, affine, *template)) @ affine
-    head = resample(tpm[0], tpm[1], image.shape, to_template)
-    inside = resample(
-        np.ones(tpm[0].shape[:3], np.float32), tpm[1], image.shape, to_template, "constant"
-    )[0]
-    head[:3] *= inside
-    head[3:] *= (1 - head[:3].sum(0)) / (head[3:].sum(0) + 1e-6)
-    return head
-
-
-def npm_tarball(name, version, sha1, folder):
-    """Path of an npm package's tarball, downloaded from the registry once and checked."""
-    path = folder / f"{name}-{version}.tgz"
-    if not path.exists():
-        url = f"{NPM_REGISTRY}/{name}/-/{name}-{version}.tgz"
-        try:
-            with urllib.request.urlopen(url, timeout=300) as response:
-                data = response.read()
-        except OSError as error:
-            raise SystemExit(f"error: could not fetch {url}: {error}") from None
-        if hashlib.sha1(data).hexdigest() != sha1:
-            raise SystemExit(f"error: {url} has sha1 {hashlib.sha1(data).hexdigest()}, not {sha1}")
-        folder.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    return path
-
-
-def read_minc_export(header, raw):
-    """A MINC volume as BrainBrowser exports it (a JSON header, raw uint8 voxels) -> (float32
-    array with its axes ordered and increasing along x, y, z, 4x4 affine)."""
-    header = json.loads(header)
-    axes = ("xspace", "yspace", "zspace")
-    order = header["order"]
-    shape = [header[axis]["space_length"] for axis in order]
-    volume = np.frombuffer(raw, np.uint8).reshape(shape).astype(np.float32)
-    volume = np.transpose(volume, [order.index(axis) for axis in axes])
-    affine = np.eye(4)
-    for k, axis in enumerate(axes):
-        cosines = np.asarray(header[axis]["direction_cosines"])
-        affine[:3, k] = header[axis]["step"] * cosines
-        affine[:3, 3] += header[axis]["start"] * cosines
-    for k in range(3):
-        if affine[k, k] < 0:
-            volume = np.flip(volume, k)
-            affine[:3, 3] += affine[:3, k] * (volume.shape[k] - 1)
-            affine[:3, k] *= -1
-    return np.ascontiguousarray(volume), affine
 
 
 def spm_volumes(cache, paths):
