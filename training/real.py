@@ -10,7 +10,7 @@ onto it by an affine registration (`training.register`), and written to
 One of them, visualqc's example subject, also ships FreeSurfer's own segmentation: `--freesurfer`
 writes the same head labelled by FreeSurfer instead, to `<cache>/freesurfer/visualqc.npz`, for
 evaluation against a labelling that is not ours (`training.evaluate --volumes .cache/freesurfer
---family visualqc`).
+--family visualqc-freesurfer`).
 """
 
 import argparse
@@ -212,7 +212,14 @@ def prepare_freesurfer(cache):
     aseg = read_volume(archive, FREESURFER_SUBJECT + "aparc+aseg.mgz")[0].astype(int)
     mask = read_volume(archive, FREESURFER_SUBJECT + "brainmask.mgz")[0] > 0
     path.parent.mkdir(parents=True, exist_ok=True)
-    save(path, "visualqc", image, freesurfer_classes(aseg, mask), affine, labels="freesurfer")
+    save(
+        path,
+        "visualqc-freesurfer",
+        image,
+        freesurfer_classes(aseg, mask),
+        affine,
+        labels="freesurfer",
+    )
     return path
 
 
