@@ -111,3 +111,23 @@ def test_freesurfer_labels_become_our_four_classes():
     mask = np.array([[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0]], bool)
     labels = TARGET_OF[np.argmax(real.freesurfer_classes(aseg, mask), axis=0)]
     assert labels.tolist() == [[2, 2, 2, 2, 3, 3, 3, 1, 1, 1, 0]]
+
+
+def test_a_volume_stored_left_inferior_anterior_comes_back_towards_r_a_s(tmp_path):
+    """FreeSurfer's conformed L, I, A voxel order: the axes are reordered and flipped to run
+    towards R, A, S, and every voxel keeps its place in the world."""
+    rng = np.random.default_rng(1)
+    stored = rng.integers(0, 255, (4, 5, 6)).astype(np.float32)
+    lia = np.array([[-1.0, 0, 0, 10], [0, 0, 1, -20], [0, -1, 0, 30], [0, 0, 0, 1]])
+    tarball = tmp_path / "pkg.tgz"
+    data = nib.Nifti1Image(stored, lia).to_bytes()
+    with tarfile.open(tarball, "w:gz") as tar:
+        info = tarfile.TarInfo("pkg/orig.nii")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    volume, affine = real.read_volume(tarball, "pkg/orig.nii")
+    assert nib.aff2axcodes(affine) == ("R", "A", "S") and volume.shape == (4, 6, 5)
+    for index in np.ndindex(*stored.shape):
+        world = lia @ [*index, 1]
+        found = np.linalg.solve(affine, world)[:3].round().astype(int)
+        assert volume[tuple(found)] == stored[index]
