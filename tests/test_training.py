@@ -68,6 +68,29 @@ def test_sampler_also_draws_head_slices_with_little_brain(toy_volumes):
     assert tissue[1.0] < 0.1 and tissue[1.0] < tissue[0.0] / 3, tissue
 
 
+def test_patchwork_splits_the_head_outside_the_brain_into_classes_of_their_own():
+    from training import synth
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(synth.CLASSES), (64, 64)).transpose(2, 0, 1).astype(np.float32)
+    patched = synth.patchwork(probs, np.random.default_rng(1))
+    assert patched.shape == (synth.CLASSES + 5 * 3, 64, 64)
+    assert np.allclose(patched.sum(0), probs.sum(0))  # only split, nothing lost
+    brain = slice(synth.AIR, synth.WHITE + 1)
+    assert np.array_equal(patched[brain], probs[brain])
+    # extra classes come 3 per split class, in the order bone, soft tissue, ...
+    soft = np.stack([patched[synth.SOFT]] + [patched[k] for k in range(13, 16)])
+    assert np.allclose(soft.sum(0), probs[synth.SOFT])
+    assert all((part > 0).mean() > 0.05 for part in soft), "every patch shows somewhere"
+    # a head of soft tissue only comes out of synthesis as patches of different intensities
+    only_soft = np.zeros_like(probs)
+    only_soft[synth.SOFT] = 1
+    patched = synth.patchwork(only_soft, np.random.default_rng(1))
+    image = synth.synthesise(patched, np.random.default_rng(2))
+    means = [image[part > 0.5].mean() for part in patched[[synth.SOFT, 13, 14, 15]]]
+    assert np.ptp(means) > 0.05, means
+
+
 def epochs_from_log(text):
     """[(loss, mean tissue dice)] per epoch line of a training log."""
     rows = []

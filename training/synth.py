@@ -37,8 +37,10 @@ class SliceSampler:
         pixel_mm=(0.5, 3.0),
         frame_side=FRAME_SIDE,
         beyond_brain=0.15,
+        patches=0.0,
     ):
         self.volumes = volumes
+        self.patches = patches
         self.beyond_brain = beyond_brain
         self.frame_side = frame_side
         self.size = size
@@ -84,6 +86,8 @@ class SliceSampler:
         elif not use_real:
             probs = split_soft_tissue(probs, rng)
         labels = TARGETS[np.argmax(probs, axis=0)]
+        if not use_real and self.patches and rng.random() < self.patches:
+            probs = patchwork(probs, rng)
         if use_real:
             image = slab_mean(volume.image, plane, index, slab)
             image = image / max(float(image.max()), 1e-6)
@@ -162,6 +166,26 @@ def split_soft_tissue(probs, rng):
     return probs
 
 
+def patchwork(probs, rng, parts=4):
+    """(K, H, W) -> (K + 5 (parts - 1), H, W): bone, marrow, fat, soft tissue and the rest of
+    the head each split into `parts` random patches, every patch a class of its own.
+
+    A real neck or face is a mosaic of muscle, fat, glands, vessels and bone, some as bright
+    as white matter and some as grey as cortex; one intensity per class paints it as a few
+    flat regions, and a network that has seen only those calls a real tongue grey matter.
+    """
+    probs = probs.copy()
+    control = int(rng.integers(4, 33))
+    fields = np.stack([smooth_field(probs.shape[1:], rng, 1, control) for _ in range(parts)])
+    patch = np.argmax(fields, axis=0)
+    extra = []
+    for k in (BONE, SOFT, OTHER, FAT, MARROW):
+        for j in range(1, parts):
+            extra.append(np.where(patch == j, probs[k], 0))
+        probs[k] = np.where(patch == 0, probs[k], 0)
+    return np.concatenate([probs, np.stack(extra).astype(probs.dtype)])
+
+
 def smooth_field(shape, rng, amplitude, control=6):
     """A smooth random (H, W) field of about `amplitude` standard deviation."""
     coarse = rng.normal(0, amplitude, (control, control))
@@ -178,14 +202,14 @@ def synthesise(probs, rng):
     Brain classes are mostly T1-ordered (MPRAGE to spin echo); every other class of the
     head takes any intensity, so the network must tell scalp from cortex by shape.
     """
-    means = rng.uniform(0, 1, CLASSES)
+    means = rng.uniform(0, 1, len(probs))
     if rng.random() < 0.85:
         for k, (low, high) in BRAIN_MEANS.items():
             means[k] = rng.uniform(low, high)
         means[WHITE] = max(means[WHITE], means[GREY] + rng.uniform(0.05, 0.25))
         means[CSF] = min(means[CSF], means[GREY] - 0.1)
         means[AIR] = rng.uniform(0, 0.1)
-    spread = rng.uniform(0, 0.06, CLASSES)
+    spread = rng.uniform(0, 0.06, len(probs))
     noise = rng.normal(0, 1, probs.shape[1:])
     texture = np.tensordot(spread, probs, 1) * noise
     return np.tensordot(means, probs, 1) + texture

@@ -119,6 +119,11 @@ def parse_args(argv=None):
         "neck, vertex)",
     )
     parser.add_argument(
+        "--patches", type=float, default=0.0,
+        help="share of synthetic slices whose head outside the brain is a mosaic of random "
+        "patches, each its own intensity (synth.patchwork)",
+    )  # fmt: skip
+    parser.add_argument(
         "--pixel-mm", default="0.5,3",
         help="range of in-plane pixel sizes (mm) that training slices are resampled to",
     )  # fmt: skip
@@ -158,6 +163,7 @@ def train(args):
         pixel_mm,
         args.frame_side,
         args.beyond_brain,
+        args.patches,
     )
     validation = validation_slices(val_volumes)
     log(
@@ -394,6 +400,7 @@ def export(net, model_dir, args, scores, state):
             "pixel_mm": args.pixel_mm,
             "real_fraction": args.real_fraction,
             "beyond_brain": args.beyond_brain,
+            "patches": args.patches,
             "init": args.init,
             "class_weights": args.class_weights,
         },
