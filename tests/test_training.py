@@ -79,7 +79,8 @@ def test_patchwork_splits_the_head_outside_the_brain_into_classes_of_their_own()
     brain = slice(synth.AIR, synth.WHITE + 1)
     assert np.array_equal(patched[brain], probs[brain])
     # extra classes come 3 per split class, in the order bone, soft tissue, ...
-    soft = np.stack([patched[synth.SOFT]] + [patched[k] for k in range(13, 16)])
+    extra = list(range(synth.CLASSES + 3, synth.CLASSES + 6))
+    soft = np.stack([patched[synth.SOFT]] + [patched[k] for k in extra])
     assert np.allclose(soft.sum(0), probs[synth.SOFT])
     assert all((part > 0).mean() > 0.05 for part in soft), "every patch shows somewhere"
     # a head of soft tissue only comes out of synthesis as patches of different intensities
@@ -87,7 +88,7 @@ def test_patchwork_splits_the_head_outside_the_brain_into_classes_of_their_own()
     only_soft[synth.SOFT] = 1
     patched = synth.patchwork(only_soft, np.random.default_rng(1))
     image = synth.synthesise(patched, np.random.default_rng(2))
-    means = [image[part > 0.5].mean() for part in patched[[synth.SOFT, 13, 14, 15]]]
+    means = [image[part > 0.5].mean() for part in patched[[synth.SOFT, *extra]]]
     assert np.ptp(means) > 0.05, means
 
 
