@@ -109,8 +109,9 @@ def parse_args(argv=None):
         "--real-fraction",
         type=float,
         default=0.3,
-        help="share of slices that use the volume's real image, not a synthetic one (0.5 in "
-        "the bundled recipe's third run: necks, docs/lobo/real.md)",
+        help="share of slices that use the volume's real image, not a synthetic one (0.7 in "
+        "the bundled recipe's third run: less neck and scalp called tissue on every fold, "
+        "docs/lobo/brainbrowser.md)",
     )
     parser.add_argument(
         "--beyond-brain",
