@@ -68,6 +68,23 @@ def test_sampler_also_draws_head_slices_with_little_brain(toy_volumes):
     assert tissue[1.0] < 0.1 and tissue[1.0] < tissue[0.0] / 3, tissue
 
 
+def test_thick_sets_the_share_of_slices_averaged_over_a_slab(toy_volumes, monkeypatch):
+    from training import synth
+    from training.data import load_templates
+
+    slabs = []
+    real_slab_mean = synth.slab_mean
+    monkeypatch.setattr(synth, "slab_mean", lambda *a: slabs.append(a[-1]) or real_slab_mean(*a))
+    volumes = load_templates(toy_volumes)
+    shares = {}
+    for thick in (0.0, 0.3, 1.0):
+        slabs.clear()
+        SliceSampler(volumes, size=32, seed=5, frame_side=48, thick=thick).batch(40)
+        shares[thick] = np.mean(np.array(slabs) > 1)
+    # 1 mm voxels: a 2-7 mm slab is always more than one slice
+    assert shares[0.0] == 0 and shares[1.0] == 1 and 0.1 < shares[0.3] < 0.5, shares
+
+
 def test_patchwork_splits_the_head_outside_the_brain_into_classes_of_their_own():
     from training import synth
 

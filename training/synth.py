@@ -38,9 +38,11 @@ class SliceSampler:
         frame_side=FRAME_SIDE,
         beyond_brain=0.15,
         patches=0.0,
+        thick=0.3,
     ):
         self.volumes = volumes
         self.patches = patches
+        self.thick = thick
         self.beyond_brain = beyond_brain
         self.frame_side = frame_side
         self.size = size
@@ -74,7 +76,7 @@ class SliceSampler:
             index = int(rng.choice(self.slices[v][plane]))
         spacing = volume.spacing
         slab = 1
-        if rng.random() < 0.3:  # a thick slice: partial volume through the plane
+        if rng.random() < self.thick:  # a thick slice: partial volume through the plane
             slab = max(1, round(rng.uniform(2, 7) / spacing[plane]))
         probs = slab_mean(volume.probs, plane, index, slab).astype(np.float32)
         extra = np.zeros((CLASSES - len(probs),) + probs.shape[1:], np.float32)

@@ -127,6 +127,10 @@ def parse_args(argv=None):
         "lowered sagittal outside and raised axial and coronal, docs/lobo/real.md)",
     )  # fmt: skip
     parser.add_argument(
+        "--thick", type=float, default=0.3,
+        help="share of slices averaged over a 2-7 mm slab through their plane (thick slices)",
+    )  # fmt: skip
+    parser.add_argument(
         "--pixel-mm", default="0.5,3",
         help="range of in-plane pixel sizes (mm) that training slices are resampled to",
     )  # fmt: skip
@@ -167,6 +171,7 @@ def train(args):
         args.frame_side,
         args.beyond_brain,
         args.patches,
+        args.thick,
     )
     validation = validation_slices(val_volumes)
     log(
@@ -404,6 +409,7 @@ def export(net, model_dir, args, scores, state):
             "real_fraction": args.real_fraction,
             "beyond_brain": args.beyond_brain,
             "patches": args.patches,
+            "thick": args.thick,
             "init": args.init,
             "class_weights": args.class_weights,
         },
