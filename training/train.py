@@ -137,6 +137,11 @@ def parse_args(argv=None):
     parser.add_argument("--init", help="start from these parameters (fine-tuning)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--stop-after", type=int,
+        help="stop, checkpointed, after this many epochs (to train in parts); rerun the same "
+        "command without it to go on",
+    )  # fmt: skip
+    parser.add_argument(
         "--export", choices=["best", "last"], default="best",
         help="export the epoch with the best validation Dice (each time it improves), or the "
         "last epoch when training ends; rerun a finished run with 'last' to export it",
@@ -193,13 +198,22 @@ def train(args):
         kvstore=kvstore,
     )
     state = resume(run_dir, net, trainer)
+    first = state["epoch"]
     # The saved optimiser carries its old schedule; a resumed run follows this run's --epochs.
     trainer._optimizer.lr_scheduler = schedule
     weights = mx.nd.array([float(w) for w in args.class_weights.split(",")])
     scores = None  # the last epoch's validation Dice, reused by --export last
 
     for epoch in range(state["epoch"], args.epochs):
+        if args.stop_after is not None and epoch - first >= args.stop_after:
+            log(f"stopped after epoch {epoch} (--stop-after); rerun without it to go on")
+            return state
+        # Slices and dropout are drawn from seeds of their own epoch, so a run resumed from its
+        # checkpoint repeats an uninterrupted one bit for bit.
         sampler.rng = np.random.default_rng([args.seed, rank, epoch])
+        mx.random.seed(
+            int(np.random.SeedSequence([args.seed, rank, epoch, 1]).generate_state(1)[0])
+        )
         started, losses = time.time(), []
         for _ in range(args.iterations):
             images, targets = sampler.batch(args.batch_size)
