@@ -85,6 +85,38 @@ def test_thick_sets_the_share_of_slices_averaged_over_a_slab(toy_volumes, monkey
     assert shares[0.0] == 0 and shares[1.0] == 1 and 0.1 < shares[0.3] < 0.5, shares
 
 
+def test_atrophy_turns_only_grey_and_white_matter_into_csf():
+    from training import synth
+
+    radius = np.hypot(*(np.indices((64, 64)) - 32))
+    classes = np.array([synth.WHITE, synth.GREY, synth.CSF, synth.BONE, synth.AIR])
+    classes = classes[np.digitize(radius, [8, 16, 19, 22])]
+    probs = np.eye(synth.CLASSES, dtype=np.float32)[classes].transpose(2, 0, 1)
+    for seed in range(5):
+        shrunk = synth.atrophy(probs, (1.0, 1.0), np.random.default_rng(seed))
+        assert np.allclose(shrunk.sum(0), probs.sum(0))  # mass moves, none is made or lost
+        others = [k for k in range(synth.CLASSES) if k not in (synth.CSF, synth.GREY, synth.WHITE)]
+        assert np.array_equal(shrunk[others], probs[others])
+        gained = shrunk[synth.CSF] - probs[synth.CSF]
+        assert (
+            gained.min() >= -1e-6 and gained.sum() > 50
+        )  # at least the ring of cortex next to the CSF
+        assert np.all(shrunk[synth.GREY] <= probs[synth.GREY] + 1e-6)
+
+
+def test_atrophy_sets_the_share_of_synthetic_slices_with_wider_csf(toy_volumes):
+    from training.data import load_templates
+
+    volumes = load_templates(toy_volumes)
+    csf = {}
+    for share in (0.0, 1.0):
+        sampler = SliceSampler(volumes, size=32, seed=6, frame_side=48, real_fraction=0.0,
+                               atrophy=share)  # fmt: skip
+        targets = sampler.batch(40)[1]
+        csf[share] = (targets == 1).sum() / (targets > 0).sum()
+    assert csf[1.0] > 1.3 * csf[0.0], csf
+
+
 def test_patchwork_splits_the_head_outside_the_brain_into_classes_of_their_own():
     from training import synth
 

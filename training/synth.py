@@ -39,10 +39,12 @@ class SliceSampler:
         beyond_brain=0.15,
         patches=0.0,
         thick=0.3,
+        atrophy=0.0,
     ):
         self.volumes = volumes
         self.patches = patches
         self.thick = thick
+        self.atrophy = atrophy
         self.beyond_brain = beyond_brain
         self.frame_side = frame_side
         self.size = size
@@ -87,6 +89,8 @@ class SliceSampler:
             probs = procedural_head(probs, in_plane, rng)
         elif not use_real:
             probs = split_soft_tissue(probs, rng)
+        if not use_real and self.atrophy and rng.random() < self.atrophy:
+            probs = atrophy(probs, in_plane, rng)
         labels = TARGETS[np.argmax(probs, axis=0)]
         if not use_real and self.patches and rng.random() < self.patches:
             probs = patchwork(probs, rng)
@@ -165,6 +169,32 @@ def split_soft_tissue(probs, rng):
     probs = probs.copy()
     probs[FAT] = probs[SOFT] * fat
     probs[SOFT] = probs[SOFT] * ~fat
+    return probs
+
+
+def atrophy(probs, spacing, rng):
+    """Shrink the brain of a (K, H, W) slice as age and disease do: a thinner cortex and wider
+    sulci, larger ventricles and, sometimes, CSF-filled holes (old infarcts).
+
+    The templates and most real heads here are young adults; clinics scan older people, whose
+    wide CSF spaces a network that has seen only young brains fills with grey matter.
+    """
+    tissue = np.argmax(probs, axis=0)
+    csf = tissue == CSF
+    if not csf.any():
+        return probs
+    to_csf = ndimage.distance_transform_edt(~csf, sampling=spacing)
+    shrink = ((tissue == GREY) & (to_csf <= rng.uniform(1, 2.5))) | (
+        (tissue == WHITE) & (to_csf <= rng.uniform(0, 4))
+    )
+    if rng.random() < 0.3:
+        holes = smooth_field(tissue.shape, rng, 1, int(rng.integers(6, 16))) > rng.uniform(1.8, 2.6)
+        shrink |= holes & ((tissue == GREY) | (tissue == WHITE))
+    moved = np.minimum(ndimage.gaussian_filter(shrink.astype(np.float32), 0.5), 1)
+    probs = probs.copy()
+    for k in (GREY, WHITE):
+        probs[CSF] += probs[k] * moved
+        probs[k] *= 1 - moved
     return probs
 
 

@@ -132,6 +132,11 @@ def parse_args(argv=None):
         "on the brainbrowser fold: lower Dice, the 5 mm slices' drop unchanged)",
     )  # fmt: skip
     parser.add_argument(
+        "--atrophy", type=float, default=0.0,
+        help="share of synthetic slices whose brain is shrunk as in older heads: thinner cortex, "
+        "wider sulci, larger ventricles, sometimes CSF-filled holes (synth.atrophy)",
+    )  # fmt: skip
+    parser.add_argument(
         "--pixel-mm", default="0.5,3",
         help="range of in-plane pixel sizes (mm) that training slices are resampled to",
     )  # fmt: skip
@@ -178,6 +183,7 @@ def train(args):
         args.beyond_brain,
         args.patches,
         args.thick,
+        args.atrophy,
     )
     validation = validation_slices(val_volumes)
     log(
@@ -425,6 +431,7 @@ def export(net, model_dir, args, scores, state):
             "beyond_brain": args.beyond_brain,
             "patches": args.patches,
             "thick": args.thick,
+            "atrophy": args.atrophy,
             "init": args.init,
             "class_weights": args.class_weights,
         },
