@@ -232,17 +232,23 @@ def test_a_restarted_run_resumes_from_its_checkpoint(toy_volumes, tmp_path):
     assert meta["training"]["epoch"] == 2 and meta["training"]["selected"] == "last"
 
 
-def test_a_run_stopped_and_resumed_repeats_an_uninterrupted_one_bit_for_bit(toy_volumes, tmp_path):
+def test_a_run_stopped_resumed_and_validated_less_often_repeats_an_uninterrupted_one(
+    toy_volumes, tmp_path
+):
     common = ["--data-dir", toy_volumes, "--iterations", 2, "--batch-size", 2, "--size", 32,
               "--hold-out", "none", "--epochs", 3]  # fmt: skip
     straight = run_module("training.train", *common, "--run-dir", tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr[-2000:]
     parts = tmp_path / "parts"
-    first = run_module("training.train", *common, "--run-dir", parts, "--stop-after", 1)
+    less = ["--run-dir", parts, "--validate-every", 2]
+    first = run_module("training.train", *common, *less, "--stop-after", 1)
     assert first.returncode == 0 and "stopped after epoch 1" in first.stdout
     assert json.loads((parts / "state.json").read_text())["epoch"] == 1
-    second = run_module("training.train", *common, "--run-dir", parts)
+    second = run_module("training.train", *common, *less)
     assert "resumed from" in second.stdout and "epoch 3/3" in second.stdout
+    history = json.loads((parts / "state.json").read_text())["history"]
+    # validated after epoch 2 and after the last, not after epoch 1
+    assert ["dice_white_matter" in h for h in history] == [False, True, True]
     a = mx.nd.load(str(tmp_path / "straight" / "last.params"))
     b = mx.nd.load(str(parts / "last.params"))
     assert a.keys() == b.keys()

@@ -140,6 +140,11 @@ def parse_args(argv=None):
         "--pixel-mm", default="0.5,3",
         help="range of in-plane pixel sizes (mm) that training slices are resampled to",
     )  # fmt: skip
+    parser.add_argument(
+        "--validate-every", type=int, default=1,
+        help="validate every N epochs and after the last (validation does not change the "
+        "weights; on every training brain it takes as long as an epoch)",
+    )  # fmt: skip
     parser.add_argument("--init", help="start from these parameters (fine-tuning)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -233,31 +238,31 @@ def train(args):
             trainer.step(1)
             losses.append(float(loss.asscalar()))
         seconds = time.time() - started
-        masks = predict_slices(net, validation, args.frame_side)
-        scores = dice_scores(validation, masks)
-        outline = {}
-        if any(map(skull_on, validation)):
-            outline = dict(zip(("outside", "inside"), brain_outline(validation, masks, skull_on)))
-        mean_tissue = float(np.mean([scores[c] for c in CLASS_NAMES[1:]]))
-        log(
-            f"epoch {epoch + 1}/{args.epochs} loss {np.mean(losses):.4f} "
-            f"{seconds / args.iterations:.2f} s/batch lr {trainer.learning_rate:.2e} "
-            + " ".join(f"dice_{c} {scores[c]:.3f}" for c in CLASS_NAMES)
-            + "".join(f" skull-on {k} {v:.3f}" for k, v in outline.items())
-        )
         state["epoch"] = epoch + 1
-        state.setdefault("history", []).append(
-            {
-                "epoch": epoch + 1,
-                "loss": float(np.mean(losses)),
-                "seconds": seconds,
-                **{f"dice_{c}": round(float(scores[c]), 4) for c in CLASS_NAMES},
-                **{k: round(float(v), 4) for k, v in outline.items()},
-            }
+        entry = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": seconds}
+        line = (
+            f"epoch {epoch + 1}/{args.epochs} loss {np.mean(losses):.4f} "
+            f"{seconds / args.iterations:.2f} s/batch lr {trainer.learning_rate:.2e}"
         )
+        validate = (epoch + 1) % args.validate_every == 0 or epoch + 1 == args.epochs
+        if validate:
+            masks = predict_slices(net, validation, args.frame_side)
+            scores = dice_scores(validation, masks)
+            outline = {}
+            if any(map(skull_on, validation)):
+                outline = dict(
+                    zip(("outside", "inside"), brain_outline(validation, masks, skull_on))
+                )
+            entry.update({f"dice_{c}": round(float(scores[c]), 4) for c in CLASS_NAMES})
+            entry.update({k: round(float(v), 4) for k, v in outline.items()})
+            line += "".join(f" dice_{c} {scores[c]:.3f}" for c in CLASS_NAMES)
+            line += "".join(f" skull-on {k} {v:.3f}" for k, v in outline.items())
+        log(line)
+        state.setdefault("history", []).append(entry)
         if rank == 0:
+            mean_tissue = np.mean([scores[c] for c in CLASS_NAMES[1:]]) if validate else -1
             if mean_tissue > state["best"]:
-                state["best"], state["best_epoch"] = mean_tissue, epoch + 1
+                state["best"], state["best_epoch"] = float(mean_tissue), epoch + 1
                 if args.export == "best":
                     export(net, model_dir, args, scores, state)
             checkpoint(run_dir, net, trainer, state)
@@ -463,11 +468,17 @@ def plot_curve(history, path, title="held-out Dice"):
     import matplotlib.pyplot as plt
 
     epochs = [h["epoch"] for h in history]
+    validated = [h for h in history if "dice_background" in h]
     figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
     left.plot(epochs, [h["loss"] for h in history], marker="o")
     left.set(xlabel="epoch", ylabel="training loss (1 - soft Dice)", title="loss")
     for name in CLASS_NAMES:
-        right.plot(epochs, [h[f"dice_{name}"] for h in history], marker="o", label=name)
+        right.plot(
+            [h["epoch"] for h in validated],
+            [h[f"dice_{name}"] for h in validated],
+            marker="o",
+            label=name,
+        )
     right.set(xlabel="epoch", ylabel="Dice", ylim=(0, 1), title=title)
     right.legend(fontsize=7)
     figure.tight_layout()
