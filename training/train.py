@@ -479,7 +479,7 @@ def plot_curve(history, path, title="held-out Dice"):
             marker="o",
             label=name,
         )
-    right.set(xlabel="epoch", ylabel="Dice", ylim=(0, 1), title=title)
+    right.set(xlabel="epoch", ylabel="Dice", xlim=left.get_xlim(), ylim=(0, 1), title=title)
     right.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
