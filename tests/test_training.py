@@ -116,6 +116,40 @@ def test_atrophy_sets_the_share_of_synthetic_slices_with_wider_csf(toy_volumes):
     assert csf[1.0] > 1.3 * csf[0.0], csf
 
 
+def test_repaint_keeps_the_brain_and_its_rim_and_recolours_the_head_beyond():
+    from training import synth
+
+    radius = np.hypot(*(np.indices((64, 64)) - 32))
+    labels = np.where(radius < 12, 2, 0).astype(np.uint8)
+    image = np.where(radius < 12, 0.5, np.where(radius < 28, 0.4, 0.0)).astype(np.float32)
+    image[radius >= 28] = 0.05  # the noise floor of the air around a head
+    changed = []
+    for seed in range(6):
+        painted = synth.repaint_head(image, labels, (1.0, 1.0), np.random.default_rng(seed))
+        assert np.array_equal(painted[radius < 13], image[radius < 13])  # brain and 1 mm rim
+        assert painted[radius >= 28].max() <= 0.12  # air stays dark
+        changed.append(abs(float(painted[(radius > 20) & (radius < 28)].mean()) - 0.4))
+    assert max(changed) > 0.1, changed  # the head beyond the rim takes other intensities
+
+
+def test_repaint_sets_the_share_of_real_slices_recoloured(toy_volumes, monkeypatch):
+    from training import synth
+    from training.data import load_templates
+
+    calls = []
+    real_repaint = synth.repaint_head
+    monkeypatch.setattr(synth, "repaint_head", lambda *a: calls.append(1) or real_repaint(*a))
+    volumes = load_templates(toy_volumes)
+    counts = {}
+    for share in (0.0, 1.0):
+        calls.clear()
+        SliceSampler(volumes, size=32, seed=7, frame_side=48, real_fraction=0.5,
+                     repaint=share).batch(30)  # fmt: skip
+        counts[share] = len(calls)
+    # only slices with the volume's real image are repainted: about half of 30
+    assert counts[0.0] == 0 and 6 <= counts[1.0] <= 24, counts
+
+
 def test_patchwork_splits_the_head_outside_the_brain_into_classes_of_their_own():
     from training import synth
 

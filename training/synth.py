@@ -40,8 +40,10 @@ class SliceSampler:
         patches=0.0,
         thick=0.3,
         atrophy=0.0,
+        repaint=0.0,
     ):
         self.volumes = volumes
+        self.repaint = repaint
         self.patches = patches
         self.thick = thick
         self.atrophy = atrophy
@@ -97,6 +99,8 @@ class SliceSampler:
         if use_real:
             image = slab_mean(volume.image, plane, index, slab)
             image = image / max(float(image.max()), 1e-6)
+            if self.repaint and rng.random() < self.repaint:
+                image = repaint_head(image, labels, in_plane, rng)
         else:
             image = synthesise(probs, rng)
         head = np.argmax(probs, axis=0) != AIR
@@ -196,6 +200,26 @@ def atrophy(probs, spacing, rng):
         probs[CSF] += probs[k] * moved
         probs[k] *= 1 - moved
     return probs
+
+
+def repaint_head(image, labels, spacing, rng):
+    """A real (H, W) image in 0..1 whose head beyond a random distance from the brain goes
+    through a random, often non-monotonic, intensity curve; the brain and its rim keep theirs.
+
+    A real tongue, neck or scalp keeps its texture and shape but takes any brightness, as
+    bright as cortex in one scan and dark in the next. Real heads with necks are few, and a
+    network that has seen each only in its own contrast calls a brighter tongue grey matter.
+    """
+    brain = labels > 0
+    if brain.any():
+        distance = ndimage.distance_transform_edt(~brain, sampling=spacing)
+    else:
+        distance = np.full(image.shape, np.inf)
+    weight = np.clip((distance - rng.uniform(1, 6)) / rng.uniform(1, 5), 0, 1)
+    dark = rng.uniform(0.08, 0.2)  # air and its noise stay dark
+    knots = np.concatenate([[0.0, dark], np.sort(rng.uniform(dark, 1, 3)), [1.0]])
+    values = np.concatenate([[0.0, rng.uniform(0, 0.12)], rng.uniform(0, 1, 4)])
+    return image * (1 - weight) + np.interp(image, knots, values) * weight
 
 
 def patchwork(probs, rng, parts=4):

@@ -137,6 +137,11 @@ def parse_args(argv=None):
         "wider sulci, larger ventricles, sometimes CSF-filled holes (synth.atrophy)",
     )  # fmt: skip
     parser.add_argument(
+        "--repaint", type=float, default=0.0,
+        help="share of real-image slices whose head beyond the brain's rim takes a random "
+        "intensity curve: real tongues, necks and scalps in any brightness (synth.repaint_head)",
+    )  # fmt: skip
+    parser.add_argument(
         "--pixel-mm", default="0.5,3",
         help="range of in-plane pixel sizes (mm) that training slices are resampled to",
     )  # fmt: skip
@@ -180,15 +185,16 @@ def train(args):
     pixel_mm = tuple(float(v) for v in args.pixel_mm.split(","))
     sampler = SliceSampler(
         train_volumes,
-        args.size,
-        args.real_fraction,
-        args.seed + rank,
-        pixel_mm,
-        args.frame_side,
-        args.beyond_brain,
-        args.patches,
-        args.thick,
-        args.atrophy,
+        size=args.size,
+        real_fraction=args.real_fraction,
+        seed=args.seed + rank,
+        pixel_mm=pixel_mm,
+        frame_side=args.frame_side,
+        beyond_brain=args.beyond_brain,
+        patches=args.patches,
+        thick=args.thick,
+        atrophy=args.atrophy,
+        repaint=args.repaint,
     )
     validation = validation_slices(val_volumes)
     log(
@@ -437,6 +443,7 @@ def export(net, model_dir, args, scores, state):
             "patches": args.patches,
             "thick": args.thick,
             "atrophy": args.atrophy,
+            "repaint": args.repaint,
             "init": args.init,
             "class_weights": args.class_weights,
         },
