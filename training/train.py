@@ -139,7 +139,8 @@ def parse_args(argv=None):
     parser.add_argument(
         "--repaint", type=float, default=0.0,
         help="share of real-image slices whose head beyond the brain's rim takes a random "
-        "intensity curve: real tongues, necks and scalps in any brightness (synth.repaint_head)",
+        "intensity curve: real tongues, necks and scalps in any brightness (synth.repaint_head; "
+        "0: none; 0.5 on both real-head folds called more neck tissue, docs/lobo/real.md)",
     )  # fmt: skip
     parser.add_argument(
         "--pixel-mm", default="0.5,3",
