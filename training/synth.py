@@ -208,7 +208,9 @@ def repaint_head(image, labels, spacing, rng):
 
     A real tongue, neck or scalp keeps its texture and shape but takes any brightness, as
     bright as cortex in one scan and dark in the next. Real heads with necks are few, and a
-    network that has seen each only in its own contrast calls a brighter tongue grey matter.
+    network that has seen each only in its own contrast might call a brighter tongue grey
+    matter. Measured at stop 28 (`--repaint 0.5`): more of the neck called tissue, not less
+    (docs/lobo/real.md); kept, off by default, so that result can be repeated.
     """
     brain = labels > 0
     if brain.any():
