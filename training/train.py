@@ -111,7 +111,8 @@ def parse_args(argv=None):
         default=0.3,
         help="share of slices that use the volume's real image, not a synthetic one (0.7 in "
         "the bundled recipe's third run: less neck and scalp called tissue on every fold, "
-        "docs/lobo/brainbrowser.md)",
+        "docs/lobo/brainbrowser.md; 0.85 was level on the brainbrowser fold and within the "
+        "draw's noise on the real-head fold, docs/lobo/real.md)",
     )
     parser.add_argument(
         "--beyond-brain",
