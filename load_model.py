@@ -173,10 +173,11 @@ class Model:
         """(N, C, H, W) float32, H and W multiples of size_multiple -> (N, K, H, W) logits."""
         return self.runtime.predict(batch)
 
-    def segment(self, slice_, timings=None):
+    def segment(self, slice_, timings=None, drop_stray=True):
         """(H, W) slice of any dtype -> (H, W) uint8 class indices.
 
-        A `timings` dict gets "forward_ms", the network's own share of the time.
+        A `timings` dict gets "forward_ms", the network's own share of the time; `drop_stray`
+        is as in processing.mask_of().
         """
         return processing.segment_with(
             self.predict,
@@ -185,6 +186,7 @@ class Model:
             self.meta["input_channels"],
             timings,
             self.passes,
+            drop_stray,
         )
 
     def describe(self):

@@ -29,6 +29,15 @@ HEAD_THRESHOLD = 0.1
 # pixels tissue: 0.78-1.00 on stripped held-out slices (5th percentile 0.88), at most 0.73 on
 # skull-on ones, degraded or not (model card, "How it is served").
 STRIPPED_COVER = 0.85
+# Tissue apart from a skull-on slice's brain is dropped (stray_tissue): the frame's tissue is
+# eroded by CORE_STEPS pixels and pieces of it under KEEP_PIECE of the largest are not brain.
+# On the held-out real heads this takes tongue and neck tissue off mid-sagittal slices.
+# Only where the network calls under STRAY_COVER of the slice's above-minimum pixels tissue:
+# at most 0.56 on the skull-on held-out slices that had stray pieces, and 0.54-1.00 on the
+# stripped ones (whose pieces are all brain) (model card, "How it is served").
+CORE_STEPS = 3
+KEEP_PIECE = 0.5
+STRAY_COVER = 0.6
 # How many times each frame goes through the network (predict_frames): 2 is served by default.
 PASSES = (1, 2)
 MAX_SIDE = 4096
@@ -623,26 +632,40 @@ def resample_rows(image, coordinates, step):
     return out
 
 
-def segment_with(predict, slice_, side, channels=1, timings=None, passes=2):
+def segment_with(predict, slice_, side, channels=1, timings=None, passes=2, drop_stray=True):
     """(H, W) slice -> (H, W) uint8 classes: frame it, `predict` the frame, map the scores back.
 
     `predict` takes an (N, channels, side, side) float32 batch and returns (N, K, side, side)
-    scores; `passes` is as in predict_frames(). A `timings` dict gets "forward_ms", the
-    network's own share of the time.
+    scores; `passes` is as in predict_frames() and `drop_stray` as in mask_of(). A `timings`
+    dict gets "forward_ms", the network's own share of the time.
     """
     frame, geometry = frame_slice(slice_, side)
     started = time.perf_counter()
     scores = predict_frames(predict, frame[None], channels, passes)[0]
     if timings is not None:
         timings["forward_ms"] = round((time.perf_counter() - started) * 1000, 1)
-    return mask_of(slice_, scores, geometry)
+    return mask_of(slice_, scores, geometry, drop_stray)
 
 
-def mask_of(slice_, scores, geometry):
+def mask_of(slice_, scores, geometry, drop_stray=True):
     """(H, W) uint8 classes of an (H, W) slice from its frame's (K, side, side) scores: the
-    scores mapped back (mask_from_scores), then a stripped slice filled (fill_stripped). The
-    PNG and volume routes both end here."""
-    return fill_stripped(slice_, mask_from_scores(scores, geometry))
+    scores mapped back (mask_from_scores), then a stripped slice filled (fill_stripped) and,
+    with `drop_stray`, a skull-on slice rid of the tissue apart from its brain (stray_tissue).
+    The PNG and volume routes both end here; volumes drop stray tissue in 3-D instead.
+    """
+    mask = mask_from_scores(scores, geometry)
+    cover, gap = tissue_cover(slice_, mask)
+    if cover >= STRIPPED_COVER:
+        mask[gap] = CLASS_NAMES.index("csf")
+        return mask
+    if not drop_stray or cover >= STRAY_COVER:
+        return mask
+    stray = stray_tissue(first_argmax(scores) > 0)
+    if stray is None:
+        return mask
+    scores = scores.copy()
+    scores[0][stray] = scores.max() + 1  # background wins there, and blends at its edge
+    return mask_from_scores(scores, geometry)
 
 
 def predict_frames(predict, frames, channels=1, passes=2):
@@ -678,13 +701,19 @@ def fill_stripped(slice_, mask):
     calls at least STRIPPED_COVER of those pixels tissue, the slice is stripped and the rest
     are CSF. Changes `mask` in place and returns it.
     """
+    cover, gap = tissue_cover(slice_, mask)
+    if cover >= STRIPPED_COVER:
+        mask[gap] = CLASS_NAMES.index("csf")
+    return mask
+
+
+def tissue_cover(slice_, mask):
+    """(cover, gap): the share of the slice's pixels above its minimum that `mask` calls
+    tissue (0 for a blank slice), and the (H, W) bool pixels of them it calls background."""
     gap = slice_ > slice_.min()
     count = np.count_nonzero(gap)
     np.logical_and(gap, mask == 0, out=gap)  # in place: a 4096x4096 upload is 16 MB a copy
-    missing = np.count_nonzero(gap)
-    if count and missing and missing <= (1 - STRIPPED_COVER) * count:
-        mask[gap] = CLASS_NAMES.index("csf")
-    return mask
+    return (1 - np.count_nonzero(gap) / count if count else 0.0), gap
 
 
 def mask_from_scores(scores, geometry, rows_per_strip=512):
@@ -815,3 +844,134 @@ def class_fractions(mask, names=CLASS_NAMES):
     """Share of pixels in each class, rounded to 4 places, by class name."""
     counts = [np.count_nonzero(mask == k) for k in range(len(names))]  # 3x np.bincount
     return {name: round(float(n) / max(mask.size, 1), 4) for name, n in zip(names, counts)}
+
+
+# --- Tissue apart from the brain -------------------------------------------------------------
+
+
+def stray_tissue(tissue, steps=CORE_STEPS, keep=KEEP_PIECE):
+    """(side, side) bool: what a frame's `tissue` holds apart from the brain, or None.
+
+    Slice by slice the network calls some of the head tissue: the tongue and the soft tissue
+    under the cerebellum in mid-sagittal slices, eyes, scalp. They meet the brain, if at all,
+    by thin bridges. So the tissue is eroded by `steps` pixels and the pieces left are
+    counted; the brain is the largest and any at least `keep` of its size, grown back within
+    the tissue by one pixel more. Stray tissue is the tissue apart from that brain that is
+    joined to a smaller piece: a thin fold of the brain joined to nothing else stays. In the
+    frame, so the same upload framed on any canvas loses the same pixels.
+    """
+    tissue = tissue[None]
+    core = erode(tissue, [0, steps, steps])
+    rows, starts, stops, piece = tissue_pieces(core)
+    if len(piece) == 0:
+        return None
+    sizes = np.bincount(piece, weights=stops - starts)
+    small = sizes[piece] < keep * sizes.max()
+    if not small.any():
+        return None
+    stray = np.zeros_like(core)
+    stray.reshape(-1)[run_pixels(rows[small], starts[small], stops[small], core)] = True
+    brain = grow_within(core & ~stray, tissue, [0, steps + 1, steps + 1])
+    apart = tissue & ~brain
+    rows, starts, stops, piece = tissue_pieces(apart)
+    # the pieces apart from the brain that hold a stray core pixel go
+    width = apart.shape[-1]
+    held = np.zeros((apart.size // width, width + 1), np.int32)
+    np.cumsum(stray.reshape(-1, width), axis=1, out=held[:, 1:])
+    joined = held[rows, stops] > held[rows, starts]
+    going = np.isin(piece, piece[joined])
+    stray = np.zeros_like(apart)
+    stray.reshape(-1)[run_pixels(rows[going], starts[going], stops[going], apart)] = True
+    return stray[0]
+
+
+def run_pixels(rows, starts, stops, array):
+    """Flat indices into `array` of every pixel of runs as tissue_pieces() gives them (few,
+    unlike the array's pixels)."""
+    lengths = stops - starts
+    begins = rows * array.shape[-1] + starts
+    offsets = np.repeat(begins - np.cumsum(lengths) + lengths, lengths)
+    return offsets + np.arange(lengths.sum())
+
+
+def erode(mask, steps):
+    """`mask` eroded by a cross, steps[axis] voxels along each axis; beyond the array is
+    background. (Where a field of view cuts the brain, grow_within puts the cut back.)"""
+    return by_cross(mask, steps, np.logical_and)
+
+
+def grow_within(mask, within, steps):
+    """`mask` dilated by a cross, steps[axis] voxels along each axis, never beyond `within`."""
+    return by_cross(mask, steps, np.logical_or, within)
+
+
+def by_cross(mask, steps, combine, within=None):
+    """erode() (`combine` np.logical_and) or dilate (np.logical_or) `mask` one voxel a step
+    along each axis that has steps left, keeping it within `within` after each step."""
+    mask = mask.copy()
+    for step in range(max(steps)):
+        before = mask.copy()
+        for axis, count in enumerate(steps):
+            if step < count:
+                ahead, behind = shifted(axis)
+                combine(mask[ahead], before[behind], out=mask[ahead])
+                combine(mask[behind], before[ahead], out=mask[behind])
+                if combine is np.logical_and:
+                    np.moveaxis(mask, axis, 0)[[0, -1]] = False
+        if within is not None:
+            mask &= within
+    return mask
+
+
+def shifted(axis):
+    """Index tuples of a 3-D array's voxels 1..end and 0..end-1 along `axis`."""
+    ahead = [slice(None)] * 3
+    behind = [slice(None)] * 3
+    ahead[axis], behind[axis] = slice(1, None), slice(None, -1)
+    return tuple(ahead), tuple(behind)
+
+
+def tissue_pieces(mask):
+    """The 26-connected pieces of an (N, A, B) bool mask, as runs along its last axis.
+
+    Returns (row, start, stop, piece) per run: the run covers mask.reshape(-1, B)[row,
+    start:stop], and runs in one piece share its number. NumPy only (scipy is not a serving
+    dependency) and about as fast as scipy.ndimage.label: each row's runs are joined to the
+    runs they touch in the 4 rows after it, then union-find with pointer jumping.
+    """
+    count, height, width = mask.shape
+    padded = np.zeros((count * height, width + 2), np.int8)
+    padded[:, 1:-1] = mask.reshape(count * height, width)
+    steps = np.diff(padded, axis=1)
+    rows, starts = np.nonzero(steps == 1)
+    stops = np.nonzero(steps == -1)[1]
+    # one sorted key per run end, so the runs a run touches in another row are one range
+    key = width + 2
+    start_keys, stop_keys = rows * key + starts, rows * key + stops
+    slab, row = np.divmod(rows, height)
+    first, second = [], []
+    for d_slab, d_row in ((0, 1), (1, -1), (1, 0), (1, 1)):
+        to_slab, to_row = slab + d_slab, row + d_row
+        run = np.flatnonzero((to_slab < count) & (to_row >= 0) & (to_row < height))
+        other = (to_slab * height + to_row)[run] * key
+        # diagonal neighbours count: runs touch when they overlap or meet at a corner
+        low = np.searchsorted(stop_keys, other + starts[run] - 1, side="right")
+        high = np.searchsorted(start_keys, other + stops[run], side="right")
+        touching = np.maximum(high - low, 0)
+        first.append(np.repeat(run, touching))
+        within = np.arange(touching.sum()) - np.repeat(np.cumsum(touching) - touching, touching)
+        second.append(np.repeat(low, touching) + within)
+    first, second = np.concatenate(first), np.concatenate(second)
+    piece = np.arange(len(starts))
+    while True:
+        a, b = piece[first], piece[second]
+        apart = a != b
+        if not apart.any():
+            return rows, starts, stops, piece
+        a, b = a[apart], b[apart]
+        piece[np.maximum(a, b)] = np.minimum(a, b)  # hook the larger root under the smaller
+        while True:
+            jumped = piece[piece]
+            if np.array_equal(jumped, piece):
+                break
+            piece = jumped

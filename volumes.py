@@ -489,7 +489,7 @@ def segment_along(model, volume, plane, progress_every_s=PROGRESS_EVERY_S, clean
     def flush():
         scores = processing.predict_frames(model.predict, np.stack(frames), channels, model.passes)
         for index, geometry, score in zip(batch_indices, geometries, scores):
-            labels[index] = processing.mask_of(slices[index], score, geometry)
+            labels[index] = processing.mask_of(slices[index], score, geometry, False)
         del batch_indices[:], frames[:], geometries[:]
 
     for index in range(len(slices)):
@@ -548,103 +548,16 @@ def keep_brain(labels, spacing, radius_mm=CORE_RADIUS_MM, min_piece=MIN_PIECE):
     """
     tissue = labels > 0
     steps = [int(radius_mm / float(size) + 0.5) for size in spacing]
-    core = erode(tissue, steps)
-    rows, starts, stops, piece = tissue_pieces(core)
+    core = processing.erode(tissue, steps)
+    rows, starts, stops, piece = processing.tissue_pieces(core)
     if not len(piece):
         return labels
     sizes = np.bincount(piece, weights=stops - starts)
     small = sizes[piece] < min_piece * sizes.max()
-    # the flat index of every voxel of the small pieces' runs (few, unlike the volume's voxels)
-    begins = rows[small] * labels.shape[-1] + starts[small]
-    lengths = stops[small] - starts[small]
-    offsets = np.repeat(begins - np.cumsum(lengths) + lengths, lengths)
-    core.reshape(-1)[offsets + np.arange(lengths.sum())] = False
-    kept = grow_within(core, tissue, [step + 1 for step in steps])
+    core.reshape(-1)[processing.run_pixels(rows[small], starts[small], stops[small], core)] = False
+    kept = processing.grow_within(core, tissue, [step + 1 for step in steps])
     labels[tissue & ~kept] = 0
     return labels
-
-
-def erode(mask, steps):
-    """`mask` eroded by a cross, steps[axis] voxels along each axis; beyond the volume is
-    background. (Where a field of view cuts the brain, grow_within puts the cut back.)"""
-    return by_cross(mask, steps, np.logical_and)
-
-
-def grow_within(mask, within, steps):
-    """`mask` dilated by a cross, steps[axis] voxels along each axis, never beyond `within`."""
-    return by_cross(mask, steps, np.logical_or, within)
-
-
-def by_cross(mask, steps, combine, within=None):
-    """erode() (`combine` np.logical_and) or dilate (np.logical_or) `mask` one voxel a step
-    along each axis that has steps left, keeping it within `within` after each step."""
-    mask = mask.copy()
-    for step in range(max(steps)):
-        before = mask.copy()
-        for axis, count in enumerate(steps):
-            if step < count:
-                ahead, behind = shifted(axis)
-                combine(mask[ahead], before[behind], out=mask[ahead])
-                combine(mask[behind], before[ahead], out=mask[behind])
-                if combine is np.logical_and:
-                    np.moveaxis(mask, axis, 0)[[0, -1]] = False
-        if within is not None:
-            mask &= within
-    return mask
-
-
-def shifted(axis):
-    """Index tuples of a 3-D array's voxels 1..end and 0..end-1 along `axis`."""
-    ahead = [slice(None)] * 3
-    behind = [slice(None)] * 3
-    ahead[axis], behind[axis] = slice(1, None), slice(None, -1)
-    return tuple(ahead), tuple(behind)
-
-
-def tissue_pieces(mask):
-    """The 26-connected pieces of an (N, A, B) bool mask, as runs along its last axis.
-
-    Returns (row, start, stop, piece) per run: the run covers mask.reshape(-1, B)[row,
-    start:stop], and runs in one piece share its number. NumPy only (scipy is not a serving
-    dependency) and about as fast as scipy.ndimage.label: each row's runs are joined to the
-    runs they touch in the 4 rows after it, then union-find with pointer jumping.
-    """
-    count, height, width = mask.shape
-    padded = np.zeros((count * height, width + 2), np.int8)
-    padded[:, 1:-1] = mask.reshape(count * height, width)
-    steps = np.diff(padded, axis=1)
-    rows, starts = np.nonzero(steps == 1)
-    stops = np.nonzero(steps == -1)[1]
-    # one sorted key per run end, so the runs a run touches in another row are one range
-    key = width + 2
-    start_keys, stop_keys = rows * key + starts, rows * key + stops
-    slab, row = np.divmod(rows, height)
-    first, second = [], []
-    for d_slab, d_row in ((0, 1), (1, -1), (1, 0), (1, 1)):
-        to_slab, to_row = slab + d_slab, row + d_row
-        run = np.flatnonzero((to_slab < count) & (to_row >= 0) & (to_row < height))
-        other = (to_slab * height + to_row)[run] * key
-        # diagonal neighbours count: runs touch when they overlap or meet at a corner
-        low = np.searchsorted(stop_keys, other + starts[run] - 1, side="right")
-        high = np.searchsorted(start_keys, other + stops[run], side="right")
-        touching = np.maximum(high - low, 0)
-        first.append(np.repeat(run, touching))
-        within = np.arange(touching.sum()) - np.repeat(np.cumsum(touching) - touching, touching)
-        second.append(np.repeat(low, touching) + within)
-    first, second = np.concatenate(first), np.concatenate(second)
-    piece = np.arange(len(starts))
-    while True:
-        a, b = piece[first], piece[second]
-        apart = a != b
-        if not apart.any():
-            return rows, starts, stops, piece
-        a, b = a[apart], b[apart]
-        piece[np.maximum(a, b)] = np.minimum(a, b)  # hook the larger root under the smaller
-        while True:
-            jumped = piece[piece]
-            if np.array_equal(jumped, piece):
-                break
-            piece = jumped
 
 
 def along(array, affine, plane):

@@ -13,6 +13,7 @@ import pytest
 from conftest import ICBM_BRAIN_ML, nifti_bytes, read_png
 from test_app import multipart, request
 
+import processing
 import volumes
 
 
@@ -365,7 +366,7 @@ def test_tissue_pieces_are_scipys_26_connected_pieces():
     for trial in range(12):
         noise = ndimage.gaussian_filter(rng.random((14, 19, 23)), 1.2)
         mask = noise > np.quantile(noise, rng.uniform(0.4, 0.8))
-        rows, starts, stops, piece = volumes.tissue_pieces(mask)
+        rows, starts, stops, piece = processing.tissue_pieces(mask)
         ours = np.full(mask.shape, -1).reshape(-1, mask.shape[2])
         for row, start, stop, number in zip(rows, starts, stops, piece):
             ours[row, start:stop] = number
@@ -423,7 +424,7 @@ def test_keep_brain_erodes_in_millimetres():
     thick = labels[::5].copy()
     kept = volumes.keep_brain(thick.copy(), [5.0, 1.0, 1.0])
     assert (kept[brain[::5]] == 3).all() and kept.any()
-    assert volumes.erode(np.ones((5, 9, 9), bool), [1, 3, 3]).sum() == 3 * 3 * 3
+    assert processing.erode(np.ones((5, 9, 9), bool), [1, 3, 3]).sum() == 3 * 3 * 3
 
 
 def test_a_stripped_volume_keeps_its_thin_edges():

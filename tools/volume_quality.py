@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import load_model  # noqa: E402
+import processing  # noqa: E402
 import volumes  # noqa: E402
 from training.data import load_templates  # noqa: E402
 
@@ -48,7 +49,7 @@ def main(argv=None):
             image = image * (reference > 0)
         scan = volumes.Volume(image, np.diag([*spacing, 1.0]), "prepared", image.shape)
         margin = [round(2 / float(size)) for size in spacing]  # 2 mm, in voxels per axis
-        outside = ~volumes.by_cross(reference > 0, margin, np.logical_or)
+        outside = ~processing.by_cross(reference > 0, margin, np.logical_or)
         for plane in args.planes:
             if plane == volumes.ALL:  # as served: the three planes' majority, each cleaned
                 labels, _, _ = volumes.segment(model, scan, plane)

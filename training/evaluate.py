@@ -56,6 +56,11 @@ def main(argv=None):
         "--passes", type=int, choices=PASSES, default=2,
         help="2 (as served): each frame also upside down, scores averaged; 1: one pass",
     )  # fmt: skip
+    parser.add_argument(
+        "--keep-stray", action="store_true",
+        help="keep the tissue apart from a skull-on slice's brain (served without "
+        "processing.stray_tissue, as before stop 30)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     if args.pairs:
@@ -72,7 +77,7 @@ def main(argv=None):
         model = load_model.load(args.model_dir, passes=args.passes)
     except load_model.ModelError as error:
         sys.exit(f"error: {error}")
-    predictions = [model.segment(s["raw"]) for s in slices]
+    predictions = [model.segment(s["raw"], drop_stray=not args.keep_stray) for s in slices]
     baseline = [multi_otsu(s["raw"]) for s in slices]
     print_table(slices, predictions, baseline, args.markdown)
     if args.qc:
@@ -154,14 +159,17 @@ def to_uint16(values):
 
 
 def predict_slices(net, slices, side=FRAME_SIDE):
-    """Masks from a Gluon network for each slice dict (training-time validation, one pass,
-    so every epoch's figures compare with earlier runs')."""
+    """Masks from a Gluon network for each slice dict (training-time validation: one pass
+    and no stray tissue dropped, so every epoch's figures compare with earlier runs')."""
     import mxnet as mx
 
     def predict(batch):
         return net(mx.nd.array(batch)).asnumpy()
 
-    return [segment_with(predict, s["raw"], side, net.in_channels, passes=1) for s in slices]
+    return [
+        segment_with(predict, s["raw"], side, net.in_channels, passes=1, drop_stray=False)
+        for s in slices
+    ]
 
 
 def dice_scores(slices, predictions, where=lambda s: True):
