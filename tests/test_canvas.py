@@ -1,4 +1,5 @@
-"""Masks over HTTP do not depend on the canvas around the head or on nearest upscaling."""
+"""Masks over HTTP do not depend on the canvas around the head or on nearest upscaling; tissue
+apart from a skull-on slice's brain is dropped."""
 
 import io
 
@@ -8,7 +9,9 @@ import pytest
 from conftest import DATA, read_png
 from test_app import post_png
 
-SLICES = ["icbm2009a_axial100.png", "colin27_axial50_16bit.png"]
+# Colin27's lowest brain slice: the network calls face tissue apart from the cerebellum
+SKULL_BASE = "colin27_axial6_16bit.png"
+SLICES = ["icbm2009a_axial100.png", "colin27_axial50_16bit.png", SKULL_BASE]
 
 
 def encode(array):
@@ -61,3 +64,14 @@ def test_nearest_upscaling_changes_nothing(server_url, plain_masks, name, factor
     mask = segment(server_url, np.repeat(np.repeat(image, factor, 0), factor, 1))
     expected = np.repeat(np.repeat(plain_masks[name], factor, 0), factor, 1)
     assert (mask == expected).mean() >= 0.99
+
+
+def test_tissue_apart_from_the_brain_is_dropped(server_url, model):
+    image = slice_of(SKULL_BASE)
+    reference = read_png(DATA / "colin27_axial6_label.png")
+    served = segment(server_url, image)
+    kept = model.segment(image, drop_stray=False)
+    dropped = (kept > 0) & (served == 0)
+    assert np.count_nonzero(dropped) >= 100
+    assert not (dropped & (reference > 0)).any()  # all of it beyond the brain
+    assert not ((served > 0) & (kept == 0)).any()  # and nothing gained
