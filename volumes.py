@@ -471,8 +471,9 @@ def segment(model, volume, plane=None, progress_every_s=PROGRESS_EVERY_S, clean=
 
 def segment_along(model, volume, plane, progress_every_s=PROGRESS_EVERY_S, clean=True):
     """segment() along one plane. The volume is turned to the nearest RAS axes, the slices
-    along `plane` are framed, predicted BATCH at a time and mapped back one by one, exactly
-    as a PNG slice is; then tissue apart from the brain is dropped (keep_brain).
+    along `plane` are framed, predicted BATCH at a time and mapped back one by one, as a PNG
+    slice is but for its 2-D stray-tissue drop; then tissue apart from the brain is dropped
+    in 3-D (keep_brain).
     """
     slices = along(volume.data, volume.affine, plane)
     if min(slices.shape[1:]) < 2:
@@ -489,7 +490,7 @@ def segment_along(model, volume, plane, progress_every_s=PROGRESS_EVERY_S, clean
     def flush():
         scores = processing.predict_frames(model.predict, np.stack(frames), channels, model.passes)
         for index, geometry, score in zip(batch_indices, geometries, scores):
-            labels[index] = processing.mask_of(slices[index], score, geometry, False)
+            labels[index] = processing.mask_of(slices[index], score, geometry, drop_stray=False)
         del batch_indices[:], frames[:], geometries[:]
 
     for index in range(len(slices)):
